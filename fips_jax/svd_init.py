@@ -1,0 +1,63 @@
+"""Shared SVD initialisation of a group, and the per-layer SVD baseline.
+
+Library functions are undecorated; jit at the call site, e.g.
+`jax.jit(init_group, static_argnames=("rank", "n_blocks", "n_fcs", "tau"))`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class FipsFactors(NamedTuple):
+    """One group's factors.
+
+    u: [d, r] dense shared basis (orthonormal columns at init, zero columns past d when grown).
+    v: [n_blocks, n_fcs, r, p] per-FC factors, `W_{b,f} ~= u @ v[b, f]` (W written as d x p).
+    """
+
+    u: jax.Array
+    v: jax.Array
+
+
+def materialize(u: jax.Array, v: jax.Array) -> jax.Array:
+    """u @ [v_00, v_01, ..., v_10, ...]: the group matrix W_s, [d, n*F*p], block-major."""
+    n, f, r, p = v.shape
+    return u @ jnp.transpose(v, (2, 0, 1, 3)).reshape(r, n * f * p)
+
+
+def init_group(w: jax.Array, rank: int, n_blocks: int, n_fcs: int, tau: float = 32.0) -> FipsFactors:
+    """Truncated SVD of a group matrix, computed in float32 whatever the input dtype.
+
+    w: [d, n_blocks*n_fcs*p]. All singular values go into V (`V = diag(S) Vh`), so U is
+    orthonormal. For rank <= min(d, m) this is the optimal rank-r approximation (Eckart-Young).
+    For rank > d ("hybrid growth") U gets rank-d zero columns and the extra rows of V are the
+    top rows of diag(S) Vh divided by tau, reused cyclically; U V is unchanged, yet the zero
+    columns of U receive nonzero gradients through those rows.
+    """
+    d, m = w.shape
+    if m % (n_blocks * n_fcs):
+        raise ValueError(f"group matrix width {m} is not divisible by n_blocks*n_fcs = {n_blocks * n_fcs}")
+    p = m // (n_blocks * n_fcs)
+    u_full, s, vh = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+    k = s.shape[0]  # min(d, m)
+    sv = s[:, None] * vh  # [k, m]
+    if rank <= k:
+        u, v = u_full[:, :rank], sv[:rank]
+    else:
+        extra = rank - k
+        rows = jnp.arange(extra) % k  # cyclic reuse when rank - k > k
+        u = jnp.concatenate([u_full, jnp.zeros((d, extra), jnp.float32)], axis=1)
+        v = jnp.concatenate([sv, sv[rows] / tau], axis=0)
+    v = v.reshape(rank, n_blocks, n_fcs, p).transpose(1, 2, 0, 3)
+    return FipsFactors(u=u, v=v)
+
+
+def per_layer_svd(w: jax.Array, rank: int) -> jax.Array:
+    """Baseline: the best rank-`rank` approximation of one layer on its own (no sharing, dense
+    factors), returned materialised in w's shape and dtype."""
+    u, s, vh = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).astype(w.dtype)
