@@ -1,0 +1,426 @@
+"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2).
+
+Llama and Gemma-2 differ only in a handful of switches (norm offset, post-norms, embedding
+scale, soft-capping, sliding windows, activation), so both are one `CausalLM` module driven by a
+frozen `DecoderSpec`; `llama.py` and `gemma2.py` translate their HF-shaped configs into a spec.
+
+Shapes: B batch, T query length, S key length (= T, no cache), d model width, H query heads,
+K key/value heads (H % K == 0, GQA), G = H // K, hd head dim, p MLP width, V vocabulary.
+
+Param tree (slash-joined, flax `[in, out]` kernels):
+    embed/embedding                      [V, d]     ("vocab", "embed")
+    blocks_{i}/pre_attn_norm/scale       [d]        ("embed",)
+    blocks_{i}/attn/{q,k,v}/kernel       [d, H*hd] / [d, K*hd]
+    blocks_{i}/attn/o/kernel             [H*hd, d]
+    blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2 only)
+    blocks_{i}/pre_mlp_norm/scale        [d]
+    blocks_{i}/mlp/{gate,up}/kernel      [d, p]     ("embed", "mlp")
+    blocks_{i}/mlp/down/kernel           [p, d]     ("mlp", "embed")
+    blocks_{i}/post_mlp_norm/scale       [d]        (Gemma-2 only)
+    final_norm/scale                     [d]
+    lm_head/kernel                       [d, V]     (untied embeddings only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fips_jax.models import base
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. rope_type "linear" divides every frequency by `factor`; "llama3"
+    divides low frequencies by `factor`, keeps high ones and interpolates in between."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES[1:]:
+            raise ValueError(f"rope_type {self.rope_type!r} not supported; supported: {list(ROPE_TYPES)}")
+        if self.rope_type == "llama3" and None in (
+            self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings
+        ):
+            raise ValueError(f"llama3 rope scaling needs low/high_freq_factor and original_max_position_embeddings: {self}")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] float32, computed in float64 on the host (static)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is not None and scaling.rope_type == "linear":
+        inv = inv / scaling.factor
+    elif scaling is not None and scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (HF layout: first and second halves of each head pair up).
+
+    x: [B, T, N, hd]; positions: [B, T] int; inv_freq: [hd // 2] -> [B, T, N, hd].
+    """
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from an HF config dict.
+
+    Accepts both the current `rope_parameters` dict and the older top-level `rope_theta` plus
+    `rope_scaling` (whose "type" key predates "rope_type"); `rope_scaling` wins, as in HF.
+    """
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"per-layer-type rope parameters are not supported: {params}")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} not supported; supported: {list(ROPE_TYPES)}")
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(params["factor"]))
+    return theta, RopeScaling(
+        "llama3",
+        float(params["factor"]),
+        float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]),
+        int(params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))),
+    )
+
+
+def rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict:
+    """HF config entries for RoPE, in both the current and the legacy spelling so that old and
+    new transformers versions read the same thing."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if scaling is not None:
+        params = {"rope_theta": theta, **{k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}}
+    legacy = None if scaling is None else {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": theta, "rope_scaling": legacy, "rope_parameters": params}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the shared decoder needs; built by each model's config.
+
+    layer_windows: per layer, the sliding-window length (keys with q_pos - k_pos < window are
+      visible) or None for global causal attention.
+    norm_unit_offset: True for Gemma's RMSNorm, which scales by (1 + w) and stores w.
+    """
+
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    activation: str
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    layer_windows: tuple[int | None, ...]
+    attn_scale: float
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    scale_embeddings: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_windows)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+class DecoderContext(NamedTuple):
+    """What every block needs besides the hidden state.
+
+    positions: [B, T] int32 token positions (RoPE, sliding windows).
+    mask: [B, T, S] bool, True where query t may attend key s (causal; padding would go here).
+    """
+
+    positions: jax.Array
+    mask: jax.Array
+
+
+def _dense(features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        name=name,
+    )
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), scaled by `scale` (Llama) or `1 + scale` (Gemma). x: [..., d] -> [..., d].
+
+    Normalisation runs in float32 whatever the compute dtype, as in the reference models.
+    """
+
+    eps: float
+    unit_offset: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            # Gemma multiplies in float32 before casting back; Llama casts first.
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. x: [B, T, d] -> [B, T, d]."""
+
+    spec: DecoderSpec
+    window: int | None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: DecoderContext) -> jax.Array:
+        s = self.spec
+        b, t, _ = x.shape
+        k_heads, g, hd = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+        dense = lambda n, axes, name: _dense(n, axes, s.attn_bias, self.dtype, self.param_dtype, name)
+        q = dense(s.num_heads * hd, ("embed", "heads"), "q")(x).reshape(b, t, s.num_heads, hd)
+        k = dense(k_heads * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, k_heads, hd)
+        v = dense(k_heads * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, k_heads, hd)
+
+        inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
+        q = apply_rope(q, ctx.positions, inv_freq)
+        k = apply_rope(k, ctx.positions, inv_freq)
+
+        # Query head h reads kv head h // G, so split H as [K, G].
+        q = q.reshape(b, t, k_heads, g, hd)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(s.attn_scale, self.dtype)
+        logits = soft_cap(logits, s.attn_softcap)
+        mask = ctx.mask
+        if self.window is not None:
+            offset = ctx.positions[:, :, None] - ctx.positions[:, None, :]
+            mask = mask & (offset < self.window)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, s.num_heads * hd)
+        return dense(s.d_model, ("heads", "embed"), "o")(out)
+
+
+class GatedMlp(nn.Module):
+    """down(act(gate(x)) * up(x)). x: [..., d] -> [..., d]; matches `base.mlp_apply`."""
+
+    d_ff: int
+    activation: str
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = base.ACTIVATIONS[self.activation]
+        dense = lambda n, axes, name: _dense(n, axes, self.use_bias, self.dtype, self.param_dtype, name)
+        h = act(dense(self.d_ff, ("embed", "mlp"), "gate")(x)) * dense(self.d_ff, ("embed", "mlp"), "up")(x)
+        return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention + gated MLP, with Gemma-2's optional post-norms.
+
+    x: [B, T, d] -> (block output [B, T, d], MLP input [B, T, d] = pre-MLP-norm output).
+    """
+
+    spec: DecoderSpec
+    window: int | None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: DecoderContext) -> tuple[jax.Array, jax.Array]:
+        s = self.spec
+        norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, name=name)
+        h = norm("pre_attn_norm")(x)
+        h = Attention(s, self.window, self.dtype, self.param_dtype, name="attn")(h, ctx)
+        if s.post_norms:
+            h = norm("post_attn_norm")(h)
+        x = x + h
+        mlp_in = norm("pre_mlp_norm")(x)
+        h = GatedMlp(s.d_ff, s.activation, s.mlp_bias, self.dtype, self.param_dtype, name="mlp")(mlp_in)
+        if s.post_norms:
+            h = norm("post_mlp_norm")(h)
+        return x + h, mlp_in
+
+
+class CausalLM(nn.Module):
+    """Token ids [B, T] -> next-token logits [B, T, V], exposed in three stages.
+
+    `embed_tokens`, `block` and `head` are the staged view (`apply(..., method=...)`);
+    `__call__` is exactly their composition.
+    """
+
+    spec: DecoderSpec
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        s = self.spec
+        self.embed = nn.Embed(
+            s.vocab_size,
+            s.d_model,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+        )
+        # A list attribute set in setup names its modules blocks_0, blocks_1, ...
+        self.blocks = [DecoderBlock(s, w, self.dtype, self.param_dtype) for w in s.layer_windows]
+        self.final_norm = RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype)
+        if not s.tie_embeddings:
+            self.lm_head = _dense(s.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype, None)
+
+    def embed_tokens(self, tokens: jax.Array) -> tuple[jax.Array, DecoderContext]:
+        """tokens: [B, T] int -> (hidden [B, T, d], context)."""
+        hidden = self.embed(tokens)
+        if self.spec.scale_embeddings:
+            # Gemma rounds sqrt(d) to the compute dtype before scaling (55.4 -> 55.5 in bf16).
+            hidden = hidden * jnp.asarray(math.sqrt(self.spec.d_model), hidden.dtype)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = positions[:, :, None] >= positions[:, None, :]
+        return hidden, DecoderContext(positions, mask)
+
+    def block(self, i: int, hidden: jax.Array, ctx: DecoderContext) -> tuple[jax.Array, jax.Array]:
+        """Block i: hidden [B, T, d] -> (output [B, T, d], MLP input [B, T, d])."""
+        return self.blocks[i](hidden, ctx)
+
+    def head(self, hidden: jax.Array, ctx: DecoderContext) -> jax.Array:
+        """Final norm and LM head: [B, T, d] -> logits [B, T, V]."""
+        del ctx
+        hidden = self.final_norm(hidden)
+        logits = self.embed.attend(hidden) if self.spec.tie_embeddings else self.lm_head(hidden)
+        return soft_cap(logits, self.spec.final_softcap)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        hidden, ctx = self.embed_tokens(tokens)
+        for i in range(self.spec.num_layers):
+            hidden, _ = self.block(i, hidden, ctx)
+        return self.head(hidden, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMArchitecture:
+    """`base.Architecture` for a `CausalLM`; subclasses set `name` and build the spec.
+
+    Frozen and hashable, so bound methods can be jitted directly
+    (`jax.jit(arch.block, static_argnums=1)`).
+    """
+
+    name = "causal_lm"
+    is_causal_lm = True
+
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def spec(self) -> DecoderSpec:
+        return self.config.decoder_spec()
+
+    @property
+    def mlp_spec(self) -> base.MlpSpec:
+        s = self.spec
+        return base.MlpSpec(("gate", "up", "down"), (False, False, True), s.activation, gated=True, has_bias=s.mlp_bias)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.spec.num_layers
+
+    def module(self) -> CausalLM:
+        return CausalLM(self.spec, self.dtype, self.param_dtype)
+
+    def init(self, rng: jax.Array) -> dict:
+        """Random params as plain arrays (logical-axis boxes removed)."""
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(self.module().init(rng, tokens)["params"])
+
+    def logical_axes(self) -> dict:
+        """Param tree of logical axis-name tuples, e.g. ("embed", "mlp"), for sharding rules."""
+        boxed = jax.eval_shape(lambda: self.module().init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+        return nn.get_partition_spec(boxed)["params"]
+
+    def mlp_path(self, block: int) -> str:
+        return f"blocks_{block}/mlp"
+
+    def embed(self, params: base.Params, tokens: jax.Array) -> tuple[jax.Array, DecoderContext]:
+        return self.module().apply({"params": params}, tokens, method="embed_tokens")
+
+    def block(self, params: base.Params, i: int, hidden: jax.Array, ctx: DecoderContext):
+        return self.module().apply({"params": params}, i, hidden, ctx, method="block")
+
+    def head(self, params: base.Params, hidden: jax.Array, ctx: DecoderContext) -> jax.Array:
+        return self.module().apply({"params": params}, hidden, ctx, method="head")
+
+    def apply(self, params: base.Params, tokens: jax.Array) -> jax.Array:
+        return self.module().apply({"params": params}, tokens)
+
+
+def hf_token_ids(hf: dict) -> dict:
+    """bos/eos/pad ids from an HF config dict (lists become tuples so configs stay hashable)."""
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = hf.get(key)
+        out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def token_ids_to_hf(cfg: Any) -> dict:
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, key)
+        out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
