@@ -18,10 +18,10 @@ Param tree (slash paths):
     blocks_{i}/mlp/{fc1 [d, p], fc2 [p, d]}          (each Dense: kernel [in, out], bias)
     norm/{scale, bias}, head/{kernel [d, L], bias}, head_dist (DeiT with teacher only)
 
-Every param carries logical axis names ("embed", "mlp", "heads", "norm", "classes"; None for
-singleton and conv-window axes) through `nn.with_logical_partitioning`; `Architecture.init`
-unboxes them, so the returned tree holds plain arrays, and `Architecture.logical_axes()` gives
-the names as a tree of `PartitionSpec`s for a sharding table to map onto a mesh.
+Every param carries logical axis names ("embed", "mlp", "heads", "classes"; norms use
+("embed",); None for singleton and conv-window axes) through `nn.with_logical_partitioning`.
+`Architecture.init` unboxes them, so it returns plain arrays; `Architecture.logical_axes()`
+gives the names as a tree of `PartitionSpec`s for a sharding table to map onto a mesh.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=eps,
         use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         name=name,
     )
 
