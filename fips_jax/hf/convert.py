@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ TRANSFORMS: dict[str, Transform] = {
     # torch Linear [out, in] <-> flax Dense [in, out]
     "transpose": Transform(lambda a, s: a.T, lambda a: a.T, lambda s: tuple(s)[::-1]),
     # torch Conv2d [out, in, kh, kw] <-> flax Conv [kh, kw, in, out]
-    "conv2d": Transform(
+    "conv": Transform(
         lambda a, s: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1), lambda s: (s[3], s[2], s[0], s[1])
     ),
     # torch Linear [H*hd, d] <-> flax DenseGeneral [d, H, hd] (per-head q/k/v kernels)
@@ -65,17 +65,15 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyMapEntry:
-    """One param: flax path (slash-joined), checkpoint key, and a `TRANSFORMS` name."""
+class KeyMapEntry(NamedTuple):
+    """One param: flax path (slash-joined), checkpoint key, and a `TRANSFORMS` name.
+
+    A plain `(flax_path, hf_key, transform)` tuple is an equally valid entry.
+    """
 
     flax_path: str
     hf_key: str
     transform: str = "identity"
-
-    def __post_init__(self):
-        if self.transform not in TRANSFORMS:
-            raise ValueError(f"{self.flax_path}: transform {self.transform!r} not in {sorted(TRANSFORMS)}")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -119,6 +117,10 @@ def check_key_map(
     ignore: regexes of checkpoint keys that may be present but are not used (e.g. a tied
       `lm_head.weight`, rotary buffers).
     """
+    key_map = [KeyMapEntry(*e) for e in key_map]
+    bad = [e for e in key_map if e.transform not in TRANSFORMS]
+    if bad:
+        return [f"{e.flax_path}: transform {e.transform!r} not in {sorted(TRANSFORMS)}" for e in bad]
     problems = []
     mapped = {e.flax_path for e in key_map}
     problems += [f"no checkpoint key maps to param {p} {shapes[p]}" for p in sorted(set(shapes) - mapped)]
@@ -159,6 +161,7 @@ def load_params(
     problems = check_key_map(source, key_map, shapes, ignore)
     if problems:
         raise ValueError(f"checkpoint {source.source} does not match the model:\n  - " + "\n  - ".join(problems))
+    key_map = [KeyMapEntry(*e) for e in key_map]
     place = place or (lambda path, a: jnp.asarray(a))
     np_dtype = np.dtype(dtype)
     flat = {}
@@ -174,6 +177,7 @@ def export_params(params: Mapping[str, Any], key_map: Sequence[KeyMapEntry]) -> 
     Raises ValueError naming params the key map does not cover (e.g. compressed layers that
     have no HF counterpart) and key-map entries the params lack.
     """
+    key_map = [KeyMapEntry(*e) for e in key_map]
     flat = flatten(params)
     mapped = {e.flax_path for e in key_map}
     problems = [f"param {p} has no checkpoint key" for p in sorted(set(flat) - mapped)]

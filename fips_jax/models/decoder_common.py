@@ -60,18 +60,23 @@ class RopeScaling:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] float32, computed in float64 on the host (static)."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    """Inverse frequencies [head_dim // 2] float32, computed on the host (static).
+
+    Computed in float32 in the reference's operation order, so that the frequencies match it
+    bit for bit where possible (an ulp of difference shows at long positions).
+    """
+    f32 = np.float32
+    inv = f32(1.0) / f32(theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim))
     if scaling is not None and scaling.rope_type == "linear":
-        inv = inv / scaling.factor
+        inv = inv / f32(scaling.factor)
     elif scaling is not None and scaling.rope_type == "llama3":
         old_len = scaling.original_max_position_embeddings
-        low_wavelen = old_len / scaling.low_freq_factor
-        high_wavelen = old_len / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
-        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = f32(2 * math.pi) / inv
+        scaled = np.where(wavelen > low_wavelen, inv / f32(factor), inv)
+        smooth = (f32(old_len) / wavelen - f32(low)) / f32(high - low)
+        smoothed = (1 - smooth) * scaled / f32(factor) + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(medium, smoothed, scaled)
     return inv.astype(np.float32)

@@ -1,0 +1,131 @@
+"""Gemma-2: config round trip, MLP and whole-model parity with transformers (local and global
+layers, soft-capping on), staged view."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fips_jax.hf import checkpoint
+from fips_jax.models import base
+from fips_jax.models.gemma2 import Gemma2Architecture, Gemma2Config
+
+T = 12
+TINY = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+    # A window shorter than the sequence, so local (0, 2) and global (1) layers differ; caps
+    # small enough that tanh bends the random model's logits.
+    sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+)
+
+
+def _tokens(batch=2, length=T, seed=0):
+    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
+
+
+def test_config_round_trip():
+    cfg = Gemma2Config(**TINY)
+    assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert Gemma2Config.from_hf_config(cfg.to_hf_config()) == cfg
+    uncapped = Gemma2Config(**{**TINY, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert Gemma2Config.from_hf_config(uncapped.to_hf_config()) == uncapped
+    assert [w is None for w in cfg.decoder_spec().layer_windows] == [False, True, False]
+    with pytest.raises(ValueError, match="chunked"):
+        Gemma2Config(**{**TINY, "layer_types": ("chunked_attention",) * 3})
+
+
+def test_mlp_matches_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
+
+    torch.manual_seed(0)
+    ref = Gemma2MLP(transformers.Gemma2Config(**Gemma2Config(**TINY).to_hf_config()))
+    arch = Gemma2Architecture(Gemma2Config(**TINY))
+    mlp = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T} for n in ("gate", "up", "down")}
+    x = np.random.RandomState(1).randn(2, 5, 32).astype(np.float32) * 3
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(base.mlp_apply(arch.mlp_spec, mlp, jnp.asarray(x))), want, atol=1e-5)
+
+
+def _hf_model(torch, transformers, cfg: Gemma2Config):
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM._from_config(
+        transformers.Gemma2Config(**cfg.to_hf_config()), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():  # HF starts the (1 + w) norms at w = 0; perturb so they matter
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_parity_with_transformers_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = Gemma2Config(**TINY)
+    model = _hf_model(torch, transformers, cfg)
+    model.save_pretrained(tmp_path / "hf")
+    tokens = _tokens()
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), output_hidden_states=True)
+
+    arch, params = checkpoint.load_pretrained(str(tmp_path / "hf"))
+    assert arch.config == cfg
+    logits = jax.jit(arch.apply)(params, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
+    assert float(jnp.max(jnp.abs(logits))) < cfg.final_logit_softcapping
+    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
+    for i in range(arch.num_blocks):
+        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
+        hidden, _ = arch.block(params, i, hidden, ctx)
+
+    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    with torch.no_grad():
+        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
+
+
+def test_sliding_window_and_caps_change_the_output():
+    cfg = Gemma2Config(**TINY)
+    arch = Gemma2Architecture(cfg)
+    params = jax.jit(arch.init)(jax.random.key(0))
+    # Larger random weights than init, so attention is peaked enough for the window to matter.
+    params = jax.tree_util.tree_map(lambda x: x * 8, params)
+    tokens = jnp.asarray(_tokens())
+    base_logits = jax.jit(arch.apply)(params, tokens)
+    for change in ({"sliding_window": None}, {"attn_logit_softcapping": None}):
+        other = jax.jit(Gemma2Architecture(Gemma2Config(**{**TINY, **change})).apply)(params, tokens)
+        late = np.abs(np.asarray(other - base_logits))
+        assert late[:, :4].max() < 1e-5 or "softcapping" in str(change)  # the first 4 see the same keys
+        assert late[:, 4:].max() > 1e-3, change
+
+
+def test_apply_is_the_staged_composition_and_mlp_in_feeds_the_mlp():
+    arch = Gemma2Architecture(Gemma2Config(**TINY))
+    params = jax.jit(arch.init)(jax.random.key(1))
+    tokens = jnp.asarray(_tokens())
+    hidden, ctx = arch.embed(params, tokens)
+    np.testing.assert_allclose(
+        np.asarray(hidden), np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] * np.sqrt(32), rtol=1e-6
+    )
+    block = jax.jit(arch.block, static_argnums=1)
+    for i in range(arch.num_blocks):
+        hidden, _ = block(params, i, hidden, ctx)
+    logits = arch.head(params, hidden, ctx)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(jax.jit(arch.apply)(params, tokens)), atol=1e-5)
+
+    # Silencing block 1's MLP removes exactly post_mlp_norm(mlp(mlp_in)).
+    h1, _ = block(params, 0, arch.embed(params, tokens)[0], ctx)
+    out, mlp_in = block(params, 1, h1, ctx)
+    mlp = base.get_path(params, arch.mlp_path(1))
+    silent = base.set_path(params, "blocks_1/mlp/down/kernel", jnp.zeros_like(mlp["down"]["kernel"]))
+    residual, _ = block(silent, 1, h1, ctx)
+    y = np.asarray(base.mlp_apply(arch.mlp_spec, mlp, mlp_in))
+    w = np.asarray(params["blocks_1"]["post_mlp_norm"]["scale"])
+    want = y / np.sqrt(np.mean(y**2, -1, keepdims=True) + 1e-6) * (1 + w)
+    np.testing.assert_allclose(np.asarray(out - residual), want, atol=1e-4, rtol=1e-4)
+    assert arch.mlp_spec.activation == "gelu_tanh" and not arch.mlp_spec.has_bias
+    assert "lm_head" not in params  # tied
