@@ -67,7 +67,8 @@ def nhwc(x):
 def test_config_reflects_hf_class(hf_checkpoint):
     variant, _, path = hf_checkpoint
     cfg, _ = load(path)
-    assert (cfg.dist_token, cfg.dist_head) == {"vit": (False, False), "deit": (True, False), "deit_teacher": (True, True)}[variant]
+    expected = {"vit": (False, False), "deit": (True, False), "deit_teacher": (True, True)}[variant]
+    assert (cfg.dist_token, cfg.dist_head) == expected
     assert cfg.seq_len == 16 + (1 if variant == "vit" else 2)
     assert hf_vit.config_from_hf(hf_vit.config_to_hf(cfg)) == cfg
 

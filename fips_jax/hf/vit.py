@@ -86,8 +86,8 @@ def convert_from_hf(
 
     shapes: a tree like the model's params whose leaves have `.shape` (e.g. `jax.eval_shape`
     of `init`), used to check each tensor. All missing and mis-shaped tensors are collected and
-    reported in one ValueError. Returns a nested dict of numpy arrays in `dtype` (host memory;
-    place them on devices at the call site).
+    reported in one ValueError. Returns a nested dict of numpy arrays in `dtype` (None keeps
+    the checkpoint's), in host memory: place them on devices at the call site.
     """
     params: dict = {}
     problems = []
@@ -102,7 +102,8 @@ def convert_from_hf(
         if tuple(t.shape) != hf_shape(want):
             problems.append(f"{name}: expected shape {hf_shape(want)}, found {tuple(t.shape)} (for {path})")
             continue
-        _set(params, path, np.ascontiguousarray(to_flax(t)).astype(dtype))
+        t = np.ascontiguousarray(to_flax(t))
+        _set(params, path, t if dtype is None else t.astype(dtype))
     if problems:
         raise ValueError(f"{len(problems)} problem(s) reading the HF checkpoint:\n  " + "\n  ".join(problems))
     return params
@@ -126,7 +127,8 @@ def _set(tree: dict, path: str, value: Any) -> None:
 
 def linear(path: str, name: str, bias: bool = True) -> KeyMap:
     """torch Linear `name.{weight,bias}` <-> flax Dense `path/{kernel,bias}`."""
-    return [(f"{path}/kernel", f"{name}.weight", "transpose")] + ([(f"{path}/bias", f"{name}.bias", "identity")] if bias else [])
+    km = [(f"{path}/kernel", f"{name}.weight", "transpose")]
+    return (km + [(f"{path}/bias", f"{name}.bias", "identity")]) if bias else km
 
 
 def norm(path: str, name: str) -> KeyMap:

@@ -69,6 +69,12 @@ class SwinConfig:
     num_labels: int = 1000
 
     def __post_init__(self):
+        # Accept HF-style ints and lists; stored as tuples so configs stay hashable.
+        for field in ("image_size", "patch_size"):
+            v = getattr(self, field)
+            object.__setattr__(self, field, (v, v) if isinstance(v, int) else tuple(v))
+        object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "num_heads", tuple(self.num_heads))
         if len(self.depths) != len(self.num_heads) or not self.depths or min(self.depths) < 1:
             raise ValueError(f"SwinConfig: depths {self.depths} and num_heads {self.num_heads} must be non-empty, "
                              "equally long, with every depth >= 1")
@@ -105,9 +111,9 @@ class SwinConfig:
             i -= depth
         raise AssertionError("unreachable")
 
-    def stage_resolutions(self, image_hw: tuple[int, int] | None = None) -> list[tuple[int, int]]:
-        """Patch-grid resolution entering each stage (merging rounds odd sizes up)."""
-        h, w = self.grid if image_hw is None else (-(-image_hw[0] // self.patch_size[0]), -(-image_hw[1] // self.patch_size[1]))
+    def stage_resolutions(self) -> list[tuple[int, int]]:
+        """Patch-grid resolution entering each stage for a config-sized image (merging rounds up)."""
+        h, w = self.grid
         out = []
         for _ in self.depths:
             out.append((h, w))
@@ -301,9 +307,10 @@ class Swin(nn.Module):
 class SwinArchitecture:
     """`base.Architecture` for Swin. ctx is None; hidden is [B, h, w, C] (see module docstring)."""
 
+    name = "swin"
+    is_causal_lm = False
+
     config: SwinConfig
-    name: str = "swin"
-    is_causal_lm: bool = False
 
     @property
     def mlp_spec(self) -> base.MlpSpec:

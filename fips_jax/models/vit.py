@@ -40,7 +40,8 @@ from fips_jax.models import base
 # Layers shared with Swin.
 # ---------------------------------------------------------------------------------------
 
-def dense(features: int, axes: tuple[str | None, str | None], use_bias: bool = True, name: str | None = None) -> nn.Dense:
+def dense(features: int, axes: tuple[str | None, str | None], use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
     """nn.Dense whose kernel `[in, out]` is named `axes` and whose bias is named `axes[1]`."""
     return nn.Dense(
         features,
@@ -142,6 +143,10 @@ class ViTConfig:
     dist_head: bool = False
 
     def __post_init__(self):
+        # Accept HF-style ints for square sizes; stored as tuples so configs stay hashable.
+        for field in ("image_size", "patch_size"):
+            v = getattr(self, field)
+            object.__setattr__(self, field, (v, v) if isinstance(v, int) else tuple(v))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ViTConfig: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.activation not in base.ACTIVATIONS:
@@ -162,6 +167,18 @@ class ViTConfig:
     @property
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1] + self.num_prefix_tokens
+
+
+class PatchEmbed(nn.Module):
+    """images [B, H, W, C] -> patch tokens [B, (H/ph)*(W/pw), d], row-major over the patch grid."""
+
+    features: int
+    patch: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = patch_conv(self.features, self.patch, name="proj")(images)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class ViTBlock(nn.Module):
@@ -233,18 +250,6 @@ class ViT(nn.Module):
         return self.classify(x)
 
 
-class PatchEmbed(nn.Module):
-    """images [B, H, W, C] -> patch tokens [B, (H/ph)*(W/pw), d], row-major over the patch grid."""
-
-    features: int
-    patch: tuple[int, int]
-
-    @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        x = patch_conv(self.features, self.patch, name="proj")(images)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
 # ---------------------------------------------------------------------------------------
 # Staged view for the FiPS pipeline.
 # ---------------------------------------------------------------------------------------
@@ -257,9 +262,10 @@ def mlp_spec_for(activation: str) -> base.MlpSpec:
 class ViTArchitecture:
     """`base.Architecture` for ViT/DeiT. ctx is None; hidden is [B, T, d] with T = config.seq_len."""
 
+    name = "vit"  # DeiT too: same blocks, the config says which tokens and heads
+    is_causal_lm = False
+
     config: ViTConfig
-    name: str = "vit"
-    is_causal_lm: bool = False
 
     @property
     def mlp_spec(self) -> base.MlpSpec:
