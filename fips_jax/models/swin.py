@@ -184,12 +184,13 @@ class WindowAttention(Attention):
             "rel_pos_bias",
             nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None)),
             ((2 * w - 1) ** 2, self.num_heads),
+            self.param_dtype,
         )
         n = w * w
         bias = table[relative_position_index(w).reshape(-1)].reshape(n, n, self.num_heads).transpose(2, 0, 1)
         if mask is not None:
             bias = bias[None] + jnp.asarray(mask)[:, None]  # [nW, heads, N, N]
-        return super().__call__(windows, bias.astype(windows.dtype))
+        return super().__call__(windows, bias.astype(jnp.float32))
 
 
 class SwinBlock(nn.Module):
@@ -198,15 +199,18 @@ class SwinBlock(nn.Module):
     config: SwinConfig
     stage: int
     shifted: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         _, h, w, _ = x.shape
         window, shift = window_geometry((h, w), cfg.window_size, self.shifted)
         check_window_fits((h, w), cfg.window_size, where=f"stage {self.stage}")
 
-        y = layer_norm(cfg.layer_norm_eps, name="norm1")(x)
+        y = layer_norm(cfg.layer_norm_eps, name="norm1", **prec)(x)
         # Pad after the norm, as HF does: the padded tokens are zeros that still take part
         # in attention (they are not masked), so the order matters for parity.
         hp, wp = h + (-h) % window, w + (-w) % window
@@ -214,18 +218,21 @@ class SwinBlock(nn.Module):
         if shift:
             y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
         mask = shift_mask(hp, wp, window, shift) if shift else None
-        attn = WindowAttention(cfg.num_heads[self.stage], cfg.qkv_bias, window_size=window, name="attn")
+        attn = WindowAttention(cfg.num_heads[self.stage], cfg.qkv_bias, window_size=window, name="attn", **prec)
         y = unpartition(attn(partition(y, window), mask), window, hp, wp)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         x = x + y[:, :h, :w]
 
-        mlp_in = layer_norm(cfg.layer_norm_eps, name="norm2")(x)
-        return x + Mlp(cfg.mlp_hidden(self.stage), cfg.activation, name="mlp")(mlp_in), mlp_in
+        mlp_in = layer_norm(cfg.layer_norm_eps, name="norm2", **prec)(x)
+        return x + Mlp(cfg.mlp_hidden(self.stage), cfg.activation, name="mlp", **prec)(mlp_in), mlp_in
 
 
 class PatchMerging(nn.Module):
     """[B, h, w, C] -> [B, ceil(h/2), ceil(w/2), 2C]: concat each 2x2 neighbourhood, norm, project."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -233,8 +240,9 @@ class PatchMerging(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         # HF's channel order: (row, col) offsets (0,0), (1,0), (0,1), (1,1).
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        x = layer_norm(_TORCH_LN_EPS, name="norm")(x)
-        return dense(2 * c, (None, "embed"), use_bias=False, name="reduction")(x)
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layer_norm(_TORCH_LN_EPS, name="norm", **prec)(x)
+        return dense(2 * c, (None, "embed"), use_bias=False, name="reduction", **prec)(x)
 
 
 class SwinPatchEmbed(nn.Module):
@@ -242,40 +250,47 @@ class SwinPatchEmbed(nn.Module):
 
     features: int
     patch: tuple[int, int]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         _, h, w, _ = images.shape
         ph, pw = self.patch
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         images = jnp.pad(images, ((0, 0), (0, (-h) % ph), (0, (-w) % pw), (0, 0)))
-        x = patch_conv(self.features, self.patch, name="proj")(images)
-        return layer_norm(_TORCH_LN_EPS, name="norm")(x)
+        x = patch_conv(self.features, self.patch, name="proj", **prec)(images)
+        return layer_norm(_TORCH_LN_EPS, name="norm", **prec)(x)
 
 
 class Swin(nn.Module):
     """images [B, H, W, C] -> logits [B, num_labels]; `embed`/`block`/`classify` are the stages."""
 
     config: SwinConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         cfg = self.config
-        self.patch_embed = SwinPatchEmbed(cfg.embed_dim, cfg.patch_size)
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.patch_embed = SwinPatchEmbed(cfg.embed_dim, cfg.patch_size, **prec)
         if cfg.use_absolute_embeddings:
             init = nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed"))
-            self.pos_embed = self.param("pos_embed", init, (1, cfg.grid[0] * cfg.grid[1], cfg.embed_dim))
+            shape = (1, cfg.grid[0] * cfg.grid[1], cfg.embed_dim)
+            self.pos_embed = self.param("pos_embed", init, shape, self.param_dtype)
         stages = [cfg.block_stage(i) for i in range(cfg.num_blocks)]
-        self.blocks = [SwinBlock(cfg, s, shifted=j % 2 == 1) for s, j in stages]  # named blocks_{i}
-        self.merges = [PatchMerging() for _ in range(len(cfg.depths) - 1)]  # named merges_{s}
-        self.norm = layer_norm(cfg.layer_norm_eps)
+        self.blocks = [SwinBlock(cfg, s, shifted=j % 2 == 1, **prec) for s, j in stages]  # named blocks_{i}
+        self.merges = [PatchMerging(**prec) for _ in range(len(cfg.depths) - 1)]  # named merges_{s}
+        self.norm = layer_norm(cfg.layer_norm_eps, **prec)
         if cfg.num_labels > 0:
-            self.head = dense(cfg.num_labels, ("embed", "classes"))
+            self.head = dense(cfg.num_labels, ("embed", "classes"), **prec)
 
     def embed(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] -> patch features [B, gh, gw, embed_dim]."""
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != cfg.num_channels:
             raise ValueError(f"Swin expects NHWC images [B, H, W, {cfg.num_channels}], got {tuple(images.shape)}")
-        x = self.patch_embed(images)
+        x = self.patch_embed(images.astype(self.dtype))
         if cfg.use_absolute_embeddings:
             if tuple(x.shape[1:3]) != cfg.grid:
                 raise ValueError(f"absolute position embeddings fit a {cfg.grid} patch grid "
@@ -293,7 +308,7 @@ class Swin(nn.Module):
 
     def classify(self, x: jax.Array) -> jax.Array:
         """x: [B, h, w, C_last] (last block's output) -> logits [B, num_labels]."""
-        pooled = self.norm(x).mean(axis=(1, 2))
+        pooled = self.norm(x).astype(jnp.float32).mean(axis=(1, 2)).astype(x.dtype)
         return self.head(pooled) if self.config.num_labels > 0 else pooled
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -311,6 +326,8 @@ class SwinArchitecture:
     is_causal_lm = False
 
     config: SwinConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
 
     @property
     def mlp_spec(self) -> base.MlpSpec:
@@ -321,7 +338,7 @@ class SwinArchitecture:
         return self.config.num_blocks
 
     def module(self) -> Swin:
-        return Swin(self.config)
+        return Swin(self.config, self.dtype, self.param_dtype)
 
     def _dummy(self) -> jax.Array:
         cfg = self.config

@@ -22,6 +22,9 @@ Every param carries logical axis names ("embed", "mlp", "heads", "classes"; norm
 ("embed",); None for singleton and conv-window axes) through `nn.with_logical_partitioning`.
 `Architecture.init` unboxes them, so it returns plain arrays; `Architecture.logical_axes()`
 gives the names as a tree of `PartitionSpec`s for a sharding table to map onto a mesh.
+
+Compute and param dtypes default to float32 (`ViTArchitecture(cfg, dtype=jnp.bfloat16, ...)`);
+softmax and LayerNorm statistics run in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -40,37 +43,45 @@ from fips_jax.models import base
 # Layers shared with Swin.
 # ---------------------------------------------------------------------------------------
 
-def dense(features: int, axes: tuple[str | None, str | None], use_bias: bool = True,
-          name: str | None = None) -> nn.Dense:
+def dense(features: int, axes: tuple[str | None, str | None], use_bias: bool = True, name: str | None = None,
+          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Dense:
     """nn.Dense whose kernel `[in, out]` is named `axes` and whose bias is named `axes[1]`."""
     return nn.Dense(
         features,
         use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
         name=name,
     )
 
 
-def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(eps: float, name: str | None = None, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32) -> nn.LayerNorm:
     # The two-pass variance matches PyTorch's LayerNorm to ~1e-7; the fast E[x^2]-E[x]^2
-    # form loses digits when activations have a large mean.
+    # form loses digits when activations have a large mean. Statistics are float32 always.
     return nn.LayerNorm(
         epsilon=eps,
         use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         name=name,
     )
 
 
-def patch_conv(features: int, patch: tuple[int, int], name: str | None = None) -> nn.Conv:
+def patch_conv(features: int, patch: tuple[int, int], name: str | None = None, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32) -> nn.Conv:
     """Non-overlapping patch projection: kernel `[ph, pw, C, features]` (HWIO), stride = patch."""
     return nn.Conv(
         features,
         kernel_size=patch,
         strides=patch,
         padding="VALID",
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         name=name,
@@ -85,6 +96,8 @@ class Attention(nn.Module):
 
     num_heads: int
     qkv_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -92,17 +105,18 @@ class Attention(nn.Module):
         if d % self.num_heads:
             raise ValueError(f"width {d} not divisible by {self.num_heads} heads")
         head_dim = d // self.num_heads
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
-        q = split(dense(d, ("embed", "heads"), self.qkv_bias, name="query")(x))
-        k = split(dense(d, ("embed", "heads"), self.qkv_bias, name="key")(x))
-        v = split(dense(d, ("embed", "heads"), self.qkv_bias, name="value")(x))
+        q = split(dense(d, ("embed", "heads"), self.qkv_bias, name="query", **prec)(x))
+        k = split(dense(d, ("embed", "heads"), self.qkv_bias, name="key", **prec)(x))
+        v = split(dense(d, ("embed", "heads"), self.qkv_bias, name="value", **prec)(x))
         logits = jnp.einsum("...qhd,...khd->...hqk", q, k) * head_dim**-0.5
         if bias is not None:
             logits = logits + bias
-        # Softmax in float32 whatever the activation dtype, as HF does.
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        o = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(x.shape)
-        return dense(d, ("heads", "embed"), name="out")(o)
+        # Softmax in float32 whatever the compute dtype, as HF does.
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        o = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*x.shape[:-1], d)
+        return dense(d, ("heads", "embed"), name="out", **prec)(o)
 
 
 class Mlp(nn.Module):
@@ -110,12 +124,15 @@ class Mlp(nn.Module):
 
     hidden: int
     activation: str = "gelu"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.hidden, ("embed", "mlp"), name="fc1")(x)
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden, ("embed", "mlp"), name="fc1", **prec)(x)
         h = base.ACTIVATIONS[self.activation](h)
-        return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
+        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **prec)(h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,10 +191,12 @@ class PatchEmbed(nn.Module):
 
     features: int
     patch: tuple[int, int]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = patch_conv(self.features, self.patch, name="proj")(images)
+        x = patch_conv(self.features, self.patch, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(images)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -185,35 +204,42 @@ class ViTBlock(nn.Module):
     """Pre-LN block. x: [B, T, d] -> (out [B, T, d], mlp_in [B, T, d] = norm2 of the attention output)."""
 
     config: ViTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        x = x + Attention(cfg.num_heads, cfg.qkv_bias, name="attn")(layer_norm(cfg.layer_norm_eps, name="norm1")(x))
-        mlp_in = layer_norm(cfg.layer_norm_eps, name="norm2")(x)
-        return x + Mlp(cfg.intermediate_size, cfg.activation, name="mlp")(mlp_in), mlp_in
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = layer_norm(cfg.layer_norm_eps, name="norm1", **prec)(x)
+        x = x + Attention(cfg.num_heads, cfg.qkv_bias, name="attn", **prec)(y)
+        mlp_in = layer_norm(cfg.layer_norm_eps, name="norm2", **prec)(x)
+        return x + Mlp(cfg.intermediate_size, cfg.activation, name="mlp", **prec)(mlp_in), mlp_in
 
 
 class ViT(nn.Module):
     """images [B, H, W, C] -> logits [B, num_labels]; `embed`/`block`/`classify` are the stages."""
 
     config: ViTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         cfg = self.config
         d = cfg.hidden_size
+        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         token_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
-        self.patch_embed = PatchEmbed(d, cfg.patch_size)
-        self.cls_token = self.param("cls_token", token_init, (1, 1, d))
+        self.patch_embed = PatchEmbed(d, cfg.patch_size, **prec)
+        self.cls_token = self.param("cls_token", token_init, (1, 1, d), self.param_dtype)
         if cfg.dist_token:
-            self.dist_token = self.param("dist_token", token_init, (1, 1, d))
-        self.pos_embed = self.param("pos_embed", token_init, (1, cfg.seq_len, d))
-        self.blocks = [ViTBlock(cfg) for _ in range(cfg.num_layers)]  # named blocks_{i}
-        self.norm = layer_norm(cfg.layer_norm_eps)
+            self.dist_token = self.param("dist_token", token_init, (1, 1, d), self.param_dtype)
+        self.pos_embed = self.param("pos_embed", token_init, (1, cfg.seq_len, d), self.param_dtype)
+        self.blocks = [ViTBlock(cfg, **prec) for _ in range(cfg.num_layers)]  # named blocks_{i}
+        self.norm = layer_norm(cfg.layer_norm_eps, **prec)
         if cfg.num_labels > 0:
-            self.head = dense(cfg.num_labels, ("embed", "classes"))
+            self.head = dense(cfg.num_labels, ("embed", "classes"), **prec)
             if cfg.dist_head:
-                self.head_dist = dense(cfg.num_labels, ("embed", "classes"))
+                self.head_dist = dense(cfg.num_labels, ("embed", "classes"), **prec)
 
     def embed(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] -> tokens [B, T, d], prefix tokens first (CLS, then DeiT's distillation)."""
@@ -223,7 +249,7 @@ class ViT(nn.Module):
                 f"ViT expects NHWC images [B, {cfg.image_size[0]}, {cfg.image_size[1]}, {cfg.num_channels}], "
                 f"got {tuple(images.shape)}"
             )
-        x = self.patch_embed(images)
+        x = self.patch_embed(images.astype(self.dtype))
         b = x.shape[0]
         prefix = [self.cls_token] + ([self.dist_token] if cfg.dist_token else [])
         prefix = [jnp.broadcast_to(t, (b, 1, t.shape[-1])).astype(x.dtype) for t in prefix]
@@ -266,6 +292,8 @@ class ViTArchitecture:
     is_causal_lm = False
 
     config: ViTConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
 
     @property
     def mlp_spec(self) -> base.MlpSpec:
@@ -276,7 +304,7 @@ class ViTArchitecture:
         return self.config.num_layers
 
     def module(self) -> ViT:
-        return ViT(self.config)
+        return ViT(self.config, self.dtype, self.param_dtype)
 
     def _dummy(self) -> jax.Array:
         cfg = self.config
