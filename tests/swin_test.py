@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from fips_jax.hf import checkpoint as hf_checkpoint
 from fips_jax.hf import swin as hf_swin
 from fips_jax.models import base
 from fips_jax.models.swin import SwinArchitecture, SwinConfig, relative_position_index, shift_mask, window_geometry
@@ -50,7 +51,7 @@ def hf_model(cfg, path):
 
 def load(path):
     cfg = hf_swin.config_from_hf(json.loads((path / "config.json").read_text()))
-    return cfg, hf_swin.params_from_hf(load_file(path / "model.safetensors").__getitem__, cfg)
+    return cfg, hf_swin.params_from_hf(load_file(path / "model.safetensors"), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +147,16 @@ def test_mlp_in_is_the_mlp_input(checkpoint):
         hidden = out
 
 
-def test_export_reloads_in_transformers(checkpoint, tmp_path):
+def test_export_reloads_in_transformers(checkpoint, tmp_path, monkeypatch):
+    """Through the checkpoint registry, as the pipeline saves and loads."""
+    monkeypatch.setitem(hf_checkpoint.FAMILIES, "swin", hf_swin)
     _, path, params = checkpoint
-    tensors = hf_swin.params_to_hf(params, CFG)
-    assert set(tensors) == set(load_file(path / "model.safetensors"))
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    original = json.loads((path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**original, **hf_swin.config_to_hf(CFG)}))
+    arch, loaded = hf_checkpoint.load_pretrained(str(path))
+    assert arch.config == CFG
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    assert set(hf_swin.params_to_hf(params, CFG)) == set(load_file(path / "model.safetensors"))
+
+    hf_checkpoint.save_pretrained(arch, params, str(tmp_path))
     reloaded, info = transformers.SwinForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = pixels(seed=5)
@@ -194,10 +198,13 @@ def test_missing_and_misshaped_tensors_are_named():
     bad = "swin.encoder.layers.0.downsample.reduction.weight"
     broken = {k: v for k, v in tensors.items() if k != missing}
     broken[bad] = np.zeros((32, 16), np.float32)  # stored un-transposed by mistake
+    # Older checkpoints carry the derived index buffers; they are skipped, not reported.
+    broken["swin.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = np.zeros(256, np.int64)
     with pytest.raises(ValueError) as err:
-        hf_swin.params_from_hf(broken.__getitem__, CFG)
+        hf_swin.params_from_hf(broken, CFG)
     msg = str(err.value)
-    assert f"missing {missing}" in msg and "expected shape (49, 4)" in msg
-    assert f"{bad}: expected shape (16, 32), found (32, 16)" in msg
-    back = hf_swin.params_from_hf(tensors.__getitem__, CFG)
+    assert f"missing tensor '{missing}' (for blocks_3/attn/rel_pos_bias, expected shape (49, 4))" in msg
+    assert f"tensor '{bad}' (for merges_0/reduction/kernel) has shape (32, 16), expected (16, 32)" in msg
+    assert "relative_position_index" not in msg
+    back = hf_swin.params_from_hf(lambda k: tensors[k], CFG)
     np.testing.assert_array_equal(back["merges_0"]["reduction"]["kernel"], params["merges_0"]["reduction"]["kernel"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from fips_jax.hf import checkpoint
 from fips_jax.hf import vit as hf_vit
 from fips_jax.models import base
 from fips_jax.models.vit import ViTArchitecture, ViTConfig
@@ -53,7 +54,7 @@ def hf_checkpoint(request, tmp_path_factory):
 def load(path):
     cfg = hf_vit.config_from_hf(json.loads((path / "config.json").read_text()))
     tensors = load_file(path / "model.safetensors")
-    return cfg, hf_vit.params_from_hf(tensors.__getitem__, cfg)
+    return cfg, hf_vit.params_from_hf(tensors, cfg)
 
 
 def pixels(seed=1, batch=2):
@@ -100,21 +101,24 @@ def test_embed_and_each_block_match_hf_hidden_states(hf_checkpoint):
         np.testing.assert_allclose(hidden, ref[i + 1], atol=1e-5, rtol=0)
 
 
-def test_export_reloads_in_transformers(hf_checkpoint, tmp_path):
+def test_export_reloads_in_transformers(hf_checkpoint, tmp_path, monkeypatch):
+    """Through the checkpoint registry, as the pipeline saves and loads."""
+    monkeypatch.setitem(checkpoint.FAMILIES, "vit", hf_vit)
+    monkeypatch.setitem(checkpoint.FAMILIES, "deit", hf_vit)
     variant, model, path = hf_checkpoint
-    cfg, params = load(path)
-    tensors = hf_vit.params_to_hf(params, cfg)
-    assert set(tensors) == set(load_file(path / "model.safetensors"))
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    original = json.loads((path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**original, **hf_vit.config_to_hf(cfg)}))
+    arch, params = checkpoint.load_pretrained(str(path))
+    cfg, direct = load(path)
+    assert arch.config == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, direct)
+    assert set(hf_vit.params_to_hf(params, cfg)) == set(load_file(path / "model.safetensors"))
 
+    checkpoint.save_pretrained(arch, params, str(tmp_path))
     reloaded, info = getattr(transformers, HF_CLASSES[variant][1]).from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = pixels(seed=3)
     with torch.no_grad():
         ref = reloaded.eval()(x).logits.numpy()
-    np.testing.assert_allclose(hf_vit.build_architecture(cfg).apply(params, nhwc(x)), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(arch.apply(params, nhwc(x)), ref, atol=1e-4, rtol=0)
 
 
 # --- Architecture contract (no torch needed beyond the module-level skip) ---------------
@@ -188,23 +192,27 @@ def test_wrong_image_size_is_rejected():
         arch.apply(random_params(arch), jnp.zeros((1, 12, 16, 3)))
 
 
-def test_missing_and_misshaped_tensors_are_named():
+def test_missing_misshaped_and_unexpected_tensors_are_named():
     cfg = dataclasses.replace(CFG, num_layers=1)
-    tensors = hf_vit.params_to_hf(random_params(ViTArchitecture(cfg)), cfg)
+    params = random_params(ViTArchitecture(cfg))
+    tensors = hf_vit.params_to_hf(params, cfg)
     missing = "deit.encoder.layer.0.intermediate.dense.weight"
     bad = "deit.embeddings.position_embeddings"
     broken = {k: v for k, v in tensors.items() if k != missing}
     broken[bad] = np.zeros((1, 9, 32), np.float32)
+    broken["deit.encoder.layer.0.extra.weight"] = np.zeros(3, np.float32)
+    broken["deit.pooler.dense.weight"] = np.zeros((32, 32), np.float32)  # ignored, not an error
     with pytest.raises(ValueError) as err:
-        hf_vit.params_from_hf(broken.__getitem__, cfg)
+        hf_vit.params_from_hf(broken, cfg)
     msg = str(err.value)
-    assert f"missing {missing}" in msg and "expected shape (64, 32)" in msg
-    assert f"{bad}: expected shape (1, 18, 32), found (1, 9, 32)" in msg
-    # Each problem alone is enough to fail.
-    with pytest.raises(ValueError, match=bad):
-        hf_vit.params_from_hf({**tensors, bad: broken[bad]}.__getitem__, cfg)
-    with pytest.raises(ValueError, match=missing):
-        hf_vit.params_from_hf({k: v for k, v in tensors.items() if k != missing}.__getitem__, cfg)
-    # And the intact set loads back to the same tree.
+    assert f"missing tensor '{missing}' (for blocks_0/mlp/fc1/kernel, expected shape (64, 32))" in msg
+    assert f"tensor '{bad}' (for pos_embed) has shape (1, 9, 32), expected (1, 18, 32)" in msg
+    assert "unexpected tensor 'deit.encoder.layer.0.extra.weight'" in msg and "pooler" not in msg
+    # A bare getter reports the same missing and mis-shaped tensors.
+    with pytest.raises(ValueError, match=f"missing tensor '{missing}'"):
+        hf_vit.params_from_hf(lambda k: broken[k], cfg)
+    with pytest.raises(ValueError, match=f"tensor '{bad}'"):
+        hf_vit.params_from_hf({**tensors, bad: broken[bad]}, cfg)
+    # And the intact set loads back to the same values.
     back = hf_vit.params_from_hf(tensors.__getitem__, cfg)
-    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(random_params(ViTArchitecture(cfg)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)

@@ -1,29 +1,29 @@
 """HF <-> fips_jax conversion for Swin (`model_type="swin"`, `SwinForImageClassification`).
 
-Same shape as `fips_jax.hf.vit`: config mapping, one (flax path, HF name, transform) list,
-and loading/saving through the shared `convert_from_hf`/`convert_to_hf`.
+A checkpoint family module like `fips_jax.hf.vit`, with the same `params_from_hf`/`params_to_hf`.
 
 HF nests blocks as `swin.encoder.layers.{s}.blocks.{j}`; here they are numbered globally
 (`blocks_{i}`), and each stage's `downsample` becomes `merges_{s}`. Older checkpoints also store
-`relative_position_index` buffers; they are derived from the window size, so they are neither
-read nor written.
+`relative_position_index` buffers; they are derived from the window size, so they are ignored
+on load and not written.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fips_jax.hf import convert
+from fips_jax.hf.convert import KeyMapEntry
 from fips_jax.hf.vit import (
     ACTIVATION_TO_HF,
-    KeyMap,
-    convert_from_hf,
-    convert_to_hf,
+    Tensors,
     hf_activation,
     hf_num_labels,
     linear,
+    load_with_key_map,
     norm,
     pair,
     unpair,
@@ -32,7 +32,7 @@ from fips_jax.models import base
 from fips_jax.models.swin import SwinArchitecture, SwinConfig
 
 
-def config_from_hf(hf_config: Mapping[str, Any]) -> SwinConfig:
+def config_from_hf(hf_config: dict[str, Any]) -> SwinConfig:
     """HF config.json dict (model_type "swin") -> SwinConfig."""
     if hf_config.get("model_type", "swin") != "swin":
         raise ValueError(f"model_type {hf_config.get('model_type')!r} is not Swin")
@@ -75,23 +75,23 @@ def config_to_hf(cfg: SwinConfig) -> dict:
     }
 
 
-def key_map(cfg: SwinConfig) -> KeyMap:
+def key_map(cfg: SwinConfig) -> list[KeyMapEntry]:
     """(flax path, HF tensor name, transform) for every parameter of the model."""
     emb = "swin.embeddings"
-    km: KeyMap = [
-        ("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
-        ("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias", "identity"),
+    km = [
+        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
+        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
         *norm("patch_embed/norm", f"{emb}.norm"),
     ]
     if cfg.use_absolute_embeddings:
-        km.append(("pos_embed", f"{emb}.position_embeddings", "identity"))
+        km.append(KeyMapEntry("pos_embed", f"{emb}.position_embeddings"))
     for i in range(cfg.num_blocks):
         s, j = cfg.block_stage(i)
         b, h = f"blocks_{i}", f"swin.encoder.layers.{s}.blocks.{j}"
         km += norm(f"{b}/norm1", f"{h}.layernorm_before")
         for name in ("query", "key", "value"):
             km += linear(f"{b}/attn/{name}", f"{h}.attention.self.{name}", cfg.qkv_bias)
-        km.append((f"{b}/attn/rel_pos_bias", f"{h}.attention.self.relative_position_bias_table", "identity"))
+        km.append(KeyMapEntry(f"{b}/attn/rel_pos_bias", f"{h}.attention.self.relative_position_bias_table"))
         km += linear(f"{b}/attn/out", f"{h}.attention.output.dense")
         km += norm(f"{b}/norm2", f"{h}.layernorm_after")
         km += linear(f"{b}/mlp/fc1", f"{h}.intermediate.dense")
@@ -106,17 +106,22 @@ def key_map(cfg: SwinConfig) -> KeyMap:
     return km
 
 
-def build_architecture(cfg: SwinConfig) -> SwinArchitecture:
-    return SwinArchitecture(cfg)
+def ignored_keys(cfg: SwinConfig) -> tuple[str, ...]:
+    """Checkpoint tensors that may be present but are unused: derived index buffers."""
+    return (r"\.relative_position_index$",)
 
 
-def params_from_hf(get_tensor: Callable[[str], np.ndarray], cfg: SwinConfig, dtype: Any = np.float32) -> dict:
-    """Flax params (numpy leaves) from HF tensors; raises one ValueError listing every
-    missing or mis-shaped tensor."""
-    shapes = jax.eval_shape(build_architecture(cfg).init, jax.random.key(0))
-    return convert_from_hf(get_tensor, key_map(cfg), shapes, dtype)
+def build_architecture(cfg: SwinConfig, dtype: Any = jnp.float32) -> SwinArchitecture:
+    return SwinArchitecture(cfg, dtype=dtype, param_dtype=dtype)
 
 
-def params_to_hf(params: base.Params, cfg: SwinConfig, dtype: Any = None) -> dict[str, np.ndarray]:
+def params_from_hf(tensors: Tensors, cfg: SwinConfig, dtype: Any = jnp.float32) -> dict:
+    """Flax params from HF tensors: a `convert.TensorSource`, a dict of arrays, or a
+    `name -> array` callable. Raises one ValueError listing every missing, mis-shaped (and, but
+    for a callable, unexpected) tensor."""
+    return load_with_key_map(tensors, key_map(cfg), build_architecture(cfg, dtype), ignored_keys(cfg), dtype)
+
+
+def params_to_hf(params: base.Params, cfg: SwinConfig) -> dict[str, np.ndarray]:
     """Flax params -> {HF name: array}, ready for `safetensors.numpy.save_file`."""
-    return convert_to_hf(params, key_map(cfg), dtype)
+    return dict(convert.export_params(params, key_map(cfg)))

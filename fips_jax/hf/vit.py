@@ -1,33 +1,31 @@
 """HF <-> fips_jax conversion for ViT (`model_type="vit"`) and DeiT (`model_type="deit"`).
 
-Pure functions over a config dict and a tensor getter, so a checkpoint reader (safetensors,
-lazy or not) and a registry keyed on `model_type` can drive them:
+A checkpoint family module (see `checkpoint.FAMILIES`): `config_from_hf`, `config_to_hf`,
+`key_map`, `ignored_keys` and `build_architecture`, plus `params_from_hf`/`params_to_hf` for
+callers that hold tensors themselves:
 
     cfg = config_from_hf(json.load(open("config.json")))
-    params = params_from_hf(lambda name: tensors[name], cfg)
+    params = params_from_hf(safetensors.numpy.load_file("model.safetensors"), cfg)
     logits = build_architecture(cfg).apply(params, images_nhwc)
-    save_file(params_to_hf(params, cfg), "model.safetensors")
+    safetensors.numpy.save_file(params_to_hf(params, cfg), "model.safetensors")
 
 Names follow the checkpoints on the Hub and what `save_pretrained` writes
-(`vit.encoder.layer.0.attention.attention.query.weight`, ...). The name map is one list of
-(flax path, HF name, transform) triples; `convert_from_hf`/`convert_to_hf` run any such list and
-are shared with the Swin converter. Transforms:
-    identity   same array
-    transpose  torch Linear weight [out, in] <-> flax kernel [in, out]
-    conv       torch Conv2d weight OIHW <-> flax Conv kernel HWIO
+(`vit.encoder.layer.0.attention.attention.query.weight`, ...). Transforms are `convert.TRANSFORMS`
+names: "transpose" for Linear weights, "conv" for the patch-embedding kernel (OIHW <-> HWIO).
+The small helpers below (`linear`, `norm`, `pair`, ...) are shared with the Swin module.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fips_jax.hf import convert
+from fips_jax.hf.convert import KeyMapEntry
 from fips_jax.models import base
 from fips_jax.models.vit import ViTArchitecture, ViTConfig
-
-KeyMap = list[tuple[str, str, str]]
 
 # HF `hidden_act` -> base.ACTIVATIONS name, and the name written back.
 HF_ACTIVATIONS = {
@@ -40,17 +38,12 @@ HF_ACTIVATIONS = {
 }
 ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
 
-# transform name -> (HF array -> flax array, flax shape -> HF shape, flax array -> HF array)
-_TRANSFORMS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "identity": (lambda a: a, lambda s: tuple(s), lambda a: a),
-    "transpose": (lambda a: a.T, lambda s: tuple(s[::-1]), lambda a: a.T),
-    "conv": (
-        lambda a: a.transpose(2, 3, 1, 0),
-        lambda s: (s[3], s[2], s[0], s[1]),
-        lambda a: a.transpose(3, 2, 0, 1),
-    ),
-}
+Tensors = Any  # convert.TensorSource | Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers.
+# ---------------------------------------------------------------------------------------
 
 def hf_activation(hf_config: Mapping[str, Any]) -> str:
     act = hf_config.get("hidden_act", "gelu")
@@ -75,65 +68,58 @@ def unpair(v: tuple[int, int]) -> int | list[int]:
     return v[0] if v[0] == v[1] else list(v)
 
 
-# ---------------------------------------------------------------------------------------
-# Generic name-map conversion.
-# ---------------------------------------------------------------------------------------
+class _MappingSource:
+    """`convert.TensorSource` over a dict of arrays (e.g. `safetensors.numpy.load_file`)."""
 
-def convert_from_hf(
-    get_tensor: Callable[[str], np.ndarray], key_map: KeyMap, shapes: base.Params, dtype: Any = np.float32
-) -> dict:
-    """Read every tensor `key_map` names and place it at its flax path.
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.source, self._tensors = "tensor dict", tensors
 
-    shapes: a tree like the model's params whose leaves have `.shape` (e.g. `jax.eval_shape`
-    of `init`), used to check each tensor. All missing and mis-shaped tensors are collected and
-    reported in one ValueError. Returns a nested dict of numpy arrays in `dtype` (None keeps
-    the checkpoint's), in host memory: place them on devices at the call site.
-    """
-    params: dict = {}
-    problems = []
-    for path, name, transform in key_map:
-        to_flax, hf_shape, _ = _TRANSFORMS[transform]
-        want = tuple(base.get_path(shapes, path).shape)
-        try:
-            t = np.asarray(get_tensor(name))
-        except Exception as e:  # readers differ in what they raise for an absent name
-            problems.append(f"missing {name} (for {path}, expected shape {hf_shape(want)}): {type(e).__name__}")
-            continue
-        if tuple(t.shape) != hf_shape(want):
-            problems.append(f"{name}: expected shape {hf_shape(want)}, found {tuple(t.shape)} (for {path})")
-            continue
-        t = np.ascontiguousarray(to_flax(t))
-        _set(params, path, t if dtype is None else t.astype(dtype))
-    if problems:
-        raise ValueError(f"{len(problems)} problem(s) reading the HF checkpoint:\n  " + "\n  ".join(problems))
-    return params
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._tensors[key]))
+
+    def get(self, key: str, dtype: Any = np.float32) -> np.ndarray:
+        a = np.asarray(self._tensors[key])
+        return a if dtype is None else a.astype(dtype)
 
 
-def convert_to_hf(params: base.Params, key_map: KeyMap, dtype: Any = None) -> dict[str, np.ndarray]:
-    """flax params -> {HF name: contiguous numpy array} for every entry of `key_map`."""
-    out = {}
-    for path, name, transform in key_map:
-        a = np.asarray(jax.device_get(base.get_path(params, path)))
-        out[name] = np.ascontiguousarray(_TRANSFORMS[transform][2](a).astype(dtype or a.dtype))
-    return out
+class _GetterSource(_MappingSource):
+    """`convert.TensorSource` over a `name -> array` callable. A callable cannot list its
+    checkpoint, so only the key map's names are probed and unexpected tensors go unreported."""
+
+    def __init__(self, get_tensor: Callable[[str], np.ndarray], names: list[str]):
+        tensors = {}
+        for name in names:
+            try:
+                tensors[name] = get_tensor(name)
+            except Exception:  # readers differ in what they raise for an absent name
+                pass
+        super().__init__(tensors)
+        self.source = "tensor getter"
 
 
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+def load_with_key_map(tensors: Tensors, key_map: list[KeyMapEntry], arch: Any, ignore: tuple[str, ...],
+                      dtype: Any) -> dict:
+    """`convert.load_params` from a TensorSource, a dict of arrays or a getter callable."""
+    if not hasattr(tensors, "shape") or not hasattr(tensors, "get"):
+        if isinstance(tensors, Mapping):
+            tensors = _MappingSource(tensors)
+        else:
+            tensors = _GetterSource(tensors, [e[1] for e in key_map])
+    return convert.load_params(tensors, key_map, convert.expected_shapes(arch.init), dtype, ignore)
 
 
-def linear(path: str, name: str, bias: bool = True) -> KeyMap:
+def linear(path: str, name: str, bias: bool = True) -> list[KeyMapEntry]:
     """torch Linear `name.{weight,bias}` <-> flax Dense `path/{kernel,bias}`."""
-    km = [(f"{path}/kernel", f"{name}.weight", "transpose")]
-    return (km + [(f"{path}/bias", f"{name}.bias", "identity")]) if bias else km
+    km = [KeyMapEntry(f"{path}/kernel", f"{name}.weight", "transpose")]
+    return (km + [KeyMapEntry(f"{path}/bias", f"{name}.bias")]) if bias else km
 
 
-def norm(path: str, name: str) -> KeyMap:
+def norm(path: str, name: str) -> list[KeyMapEntry]:
     """torch LayerNorm `name.{weight,bias}` <-> flax LayerNorm `path/{scale,bias}`."""
-    return [(f"{path}/scale", f"{name}.weight", "identity"), (f"{path}/bias", f"{name}.bias", "identity")]
+    return [KeyMapEntry(f"{path}/scale", f"{name}.weight"), KeyMapEntry(f"{path}/bias", f"{name}.bias")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,18 +175,18 @@ def config_to_hf(cfg: ViTConfig) -> dict:
     }
 
 
-def key_map(cfg: ViTConfig) -> KeyMap:
+def key_map(cfg: ViTConfig) -> list[KeyMapEntry]:
     """(flax path, HF tensor name, transform) for every parameter of the model."""
     p = "deit" if cfg.dist_token else "vit"
     emb = f"{p}.embeddings"
-    km: KeyMap = [
-        ("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
-        ("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias", "identity"),
-        ("cls_token", f"{emb}.cls_token", "identity"),
-        ("pos_embed", f"{emb}.position_embeddings", "identity"),
+    km = [
+        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
+        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
+        KeyMapEntry("cls_token", f"{emb}.cls_token"),
+        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
     ]
     if cfg.dist_token:
-        km.append(("dist_token", f"{emb}.distillation_token", "identity"))
+        km.append(KeyMapEntry("dist_token", f"{emb}.distillation_token"))
     for i in range(cfg.num_layers):
         b, h = f"blocks_{i}", f"{p}.encoder.layer.{i}"
         km += norm(f"{b}/norm1", f"{h}.layernorm_before")
@@ -219,17 +205,22 @@ def key_map(cfg: ViTConfig) -> KeyMap:
     return km
 
 
-def build_architecture(cfg: ViTConfig) -> ViTArchitecture:
-    return ViTArchitecture(cfg)
+def ignored_keys(cfg: ViTConfig) -> tuple[str, ...]:
+    """Checkpoint tensors that may be present but are unused: the pooler of a ViTModel export."""
+    return (r"^(vit|deit)\.pooler\.",)
 
 
-def params_from_hf(get_tensor: Callable[[str], np.ndarray], cfg: ViTConfig, dtype: Any = np.float32) -> dict:
-    """Flax params (numpy leaves) from HF tensors; raises one ValueError listing every
-    missing or mis-shaped tensor. Tensors not in `key_map` (e.g. a pooler) are ignored."""
-    shapes = jax.eval_shape(build_architecture(cfg).init, jax.random.key(0))
-    return convert_from_hf(get_tensor, key_map(cfg), shapes, dtype)
+def build_architecture(cfg: ViTConfig, dtype: Any = jnp.float32) -> ViTArchitecture:
+    return ViTArchitecture(cfg, dtype=dtype, param_dtype=dtype)
 
 
-def params_to_hf(params: base.Params, cfg: ViTConfig, dtype: Any = None) -> dict[str, np.ndarray]:
+def params_from_hf(tensors: Tensors, cfg: ViTConfig, dtype: Any = jnp.float32) -> dict:
+    """Flax params from HF tensors: a `convert.TensorSource`, a dict of arrays, or a
+    `name -> array` callable. Raises one ValueError listing every missing, mis-shaped (and, but
+    for a callable, unexpected) tensor."""
+    return load_with_key_map(tensors, key_map(cfg), build_architecture(cfg, dtype), ignored_keys(cfg), dtype)
+
+
+def params_to_hf(params: base.Params, cfg: ViTConfig) -> dict[str, np.ndarray]:
     """Flax params -> {HF name: array}, ready for `safetensors.numpy.save_file`."""
-    return convert_to_hf(params, key_map(cfg), dtype)
+    return dict(convert.export_params(params, key_map(cfg)))
