@@ -1,0 +1,261 @@
+"""Local error minimisation: reconstruction losses for one group and the update step.
+
+A group's trainable params are a plain dict (so checkpoints need no custom types):
+
+    {"u": [d, r], "v": [n, F, r, p], "bias": {fc_name: [n, out]}}   # "bias" only if the MLP has biases
+
+Block b's FC f is `W = u @ v[b, f]` written as `d x p` (transposed back for fc2/down).
+The loss materialises W: for calibration batches (thousands of tokens) `d*r*p` flops per FC
+are cheaper than the factored `T*(d*r + r*p)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fips_jax import grouping, sparsity
+from fips_jax.models import base
+from fips_jax.svd_init import FipsFactors
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOptConfig:
+    """Optimiser and sparsity settings of one local error minimisation run (SPEC §4, §5)."""
+
+    steps: int
+    lr: float = 1e-3
+    end_lr: float = 1e-5
+    weight_decay: float = 0.05
+    algorithm: str = "gmp"        # dense | static | gmp | rigl | nm
+    sparsity: float = 0.75
+    update_freq: int = 50
+    drop_fraction: float = 0.1    # RigL
+    scope: str = "global"         # global | per_tensor
+    n: int = 2                    # N:M
+    m: int = 4
+    nm_axis: int = -1
+    reference_parity: bool = False
+
+
+V_FILTER = r"(^|/)v$"
+
+
+def make_optimizer(cfg: LocalOptConfig):
+    """AdamW (decoupled weight decay) on a cosine schedule with no warmup, wrapped by the
+    sparsity updater that masks V. Returns (tx, updater)."""
+    if cfg.steps < 1:
+        raise ValueError(f"local optimisation needs steps >= 1, got {cfg.steps}")
+    lr = optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=cfg.end_lr / cfg.lr if cfg.lr else 0.0)
+    updater = sparsity.create_updater(
+        algorithm=cfg.algorithm,
+        sparsity=cfg.sparsity,
+        t_end=cfg.steps,
+        update_freq=cfg.update_freq,
+        filter_regex=V_FILTER,
+        scope=cfg.scope,
+        drop_fraction=cfg.drop_fraction,
+        n=cfg.n,
+        m=cfg.m,
+        axis=cfg.nm_axis,
+        reference_parity=cfg.reference_parity,
+    )
+    return updater.wrap_optax(optax.adamw(lr, weight_decay=cfg.weight_decay)), updater
+
+
+def init_group_params(factors: FipsFactors, dense_params: Mapping[str, Any], layout: grouping.GroupLayout, spec: base.MlpSpec) -> Params:
+    """Trainable params of one group from its SVD factors; biases start from the dense model's."""
+    out: Params = {"u": factors.u, "v": factors.v}
+    if spec.has_bias:
+        out["bias"] = {
+            name: jnp.stack([base.get_path(dense_params, f"{row[f].rsplit('/', 1)[0]}/bias").astype(jnp.float32)
+                             for row in layout.fc_paths])
+            for f, name in enumerate(spec.fc_names)
+        }
+    return out
+
+
+def block_mlp_params(spec: base.MlpSpec, u: jax.Array, v_b: jax.Array, bias_b: Mapping[str, jax.Array] | None) -> dict:
+    """Materialised MLP params of one block in the flax layout `base.mlp_apply` takes.
+    v_b: [F, r, p]; bias_b: {fc: [out]} or None."""
+    mlp = {}
+    for f, (name, tr) in enumerate(zip(spec.fc_names, spec.transposed)):
+        w = u @ v_b[f]
+        mlp[name] = {"kernel": w.T if tr else w}
+        if bias_b is not None:
+            mlp[name]["bias"] = bias_b[name]
+    return mlp
+
+
+def group_kernels(params: Params, layout: grouping.GroupLayout) -> dict[str, jax.Array]:
+    """{kernel path: materialised kernel} for every FC in the group."""
+    out = {}
+    for b, row in enumerate(layout.fc_paths):
+        for f, (path, tr) in enumerate(zip(row, layout.transposed)):
+            w = params["u"] @ params["v"][b, f]
+            out[path] = w.T if tr else w
+    return out
+
+
+def assemble(dense_params: Mapping[str, Any], groups: Sequence[tuple[grouping.GroupLayout, Params]]) -> dict:
+    """Dense-layout params of the compressed model: every grouped MLP kernel replaced by U V_t
+    (and its bias by the trained one). Exactly the compressed model's function."""
+    out = dense_params
+    for layout, params in groups:
+        out = grouping.replace_kernels(out, group_kernels(params, layout))
+        if "bias" in params:
+            for f, name in enumerate(layout.fc_names):
+                for b, row in enumerate(layout.fc_paths):
+                    bias_path = f"{row[f].rsplit('/', 1)[0]}/bias"
+                    out = grouping.replace_kernels(out, {bias_path: params["bias"][name][b]})
+    return out
+
+
+def stack_dense_mlps(dense_params: Mapping[str, Any], layout: grouping.GroupLayout) -> dict:
+    """The group's dense MLP params stacked on a leading block axis (the frozen teacher)."""
+    mlps = [base.get_path(dense_params, row[0].rsplit("/", 2)[0]) for row in layout.fc_paths]
+    return base.stack_trees([jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), m) for m in mlps])
+
+
+def mlp_targets(spec: base.MlpSpec, teacher: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    """Dense MLP outputs [n, T, d] of the stacked teacher params on the MLP inputs x [n, T, d]."""
+    return jax.vmap(lambda t, xb: base.mlp_apply(spec, t, xb))(teacher, x)
+
+
+def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """LLM loss: MSE of each block's MLP output on the dense model's MLP inputs (teacher forcing).
+
+    x, targets: [n, T, d] MLP inputs and the dense MLP's outputs on them.
+    Returns (mean over blocks, per-block MSE [n]). The mean gives the shared U the mean of the
+    group's gradients (the joint group update of Algorithm 1).
+    """
+    bias = params.get("bias")
+
+    def one(v_b, bias_b, x_b, y_b):
+        out = base.mlp_apply(spec, block_mlp_params(spec, params["u"], v_b, bias_b), x_b)
+        return jnp.mean(jnp.square(out - y_b))
+
+    per_block = jax.vmap(one)(params["v"], bias, x, targets)
+    return jnp.mean(per_block), per_block
+
+
+def block_outputs_loss(
+    params: Mapping[str, Params],
+    arch: base.Architecture,
+    dense_params: Mapping[str, Any],
+    layouts: Mapping[str, grouping.GroupLayout],
+    inputs: Mapping[int, jax.Array],
+    targets: Mapping[int, jax.Array],
+    ctx: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """ViT loss: sum over blocks of the MSE of the block output, attention frozen, each block fed
+    the dense model's input (teacher forcing). Blocks may differ (Swin's shifted windows), so
+    they are unrolled rather than vmapped.
+
+    params: {group name: group params}; inputs/targets: {block index: [B, tokens, d]}.
+    Returns (sum, per-block MSE in block order).
+    """
+    model = dense_params
+    for g, layout in layouts.items():
+        model = assemble(model, [(layout, params[g])])
+    per_block = []
+    for i in sorted(inputs):
+        out, _ = arch.block(model, i, inputs[i], ctx)
+        per_block.append(jnp.mean(jnp.square(out - targets[i])))
+    per_block = jnp.stack(per_block)
+    return jnp.sum(per_block), per_block
+
+
+def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation, updater) -> Callable:
+    """One update: grads of `loss_fn(params, *batch)`, the wrapped optimiser, then the masks.
+
+    The forward sees params directly; pruned V entries are exactly zero, so the gradient w.r.t. V
+    is dense (what RigL grows by). Undecorated: jit at the call site (donate params/opt_state).
+    """
+
+    def step(params, opt_state, *batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params = updater.post_gradient_update(params, sparsity.get_sparse_state(opt_state))
+        return params, opt_state, loss, aux
+
+    return step
+
+
+def minibatch_indices(key: jax.Array, step: jax.Array, n_tokens: int, batch: int) -> jax.Array:
+    """Token positions of minibatch `step`: a fresh shuffle each epoch, derived from the step
+    number alone, so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(n_tokens // batch, 1)
+    epoch, j = step // per_epoch, step % per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n_tokens)
+    return jax.lax.dynamic_slice_in_dim(perm, j * batch, min(batch, n_tokens))
+
+
+class Interrupted(Exception):
+    """Raised by a step hook to stop a run (tests use it to simulate a kill)."""
+
+
+def train(
+    params: Params,
+    loss_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    consts: Sequence[Any],
+    cfg: LocalOptConfig,
+    ckpt_dir: str,
+    *,
+    checkpoint_every: int = 50,
+    log: Callable[[str], None] = print,
+    name: str = "local",
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Params, list[float]]:
+    """Run `cfg.steps` updates of `loss_fn(params, step, *consts) -> (loss, aux)`, resuming from
+    the latest checkpoint in `ckpt_dir` if there is one.
+
+    The minibatch is a function of the step number (see `minibatch_indices`), so a resumed run
+    computes exactly what an uninterrupted one would. Returns the final params and the loss at
+    every step of this process's part of the run (losses before a resume are in the checkpoint).
+    """
+    from fips_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+    tx, updater = make_optimizer(cfg)
+    # Copy: the step donates its buffers, and the caller keeps the initial params.
+    params = jax.tree_util.tree_map(jnp.array, params)
+    # The initial masks: the schedule's value at step 0 (GMP: 25%). Copied so that no two
+    # leaves share a buffer (the step donates each one).
+    opt_state = jax.tree_util.tree_map(jnp.array, tx.init(params))
+    params = updater.post_gradient_update(params, opt_state)
+    state = {"params": params, "opt_state": opt_state}
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    ckpt = checkpointing.LoopCheckpointer(ckpt_dir)
+    start = ckpt.latest_step() or 0
+    losses: list[float] = []
+    if start:
+        saved = ckpt.restore(start, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": jnp.zeros((start,))})
+        state = jax.tree_util.tree_unflatten(treedef, [saved["leaves"][str(i)] for i in range(len(leaves))])
+        losses = [float(x) for x in saved["losses"]]
+        log(f"{name}: resumed at step {start}/{cfg.steps}")
+    params, opt_state = state["params"], state["opt_state"]
+    step_fn = jax.jit(make_step(loss_fn, tx, updater), donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        params, opt_state, loss, _ = step_fn(params, opt_state, jnp.int32(step), *consts)
+        losses.append(float(loss))
+        done = step + 1
+        if done % checkpoint_every == 0 or done == cfg.steps:
+            leaves = jax.tree_util.tree_leaves({"params": params, "opt_state": opt_state})
+            ckpt.save(done, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": jnp.asarray(losses)})
+        if done % max(cfg.steps // 10, 1) == 0 or done == cfg.steps:
+            rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+            log(f"{name}: step {done}/{cfg.steps} loss {losses[-1]:.4g} ({rate:.2f} steps/s)")
+        if on_step is not None:
+            ckpt.wait()
+            on_step(done, losses[-1])
+    ckpt.close()
+    return params, losses
