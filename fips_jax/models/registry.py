@@ -1,0 +1,82 @@
+"""Build an architecture and its params from the `model` section of a run config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fips_jax.models import base
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SOURCES = ("hf", "gguf", "random")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): real text for random tiny models, no files needed."""
+
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        del add_special_tokens
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def from_hf_config(hf_config: dict, dtype: Any = jnp.float32) -> base.Architecture:
+    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+    if "model_type" not in hf_config:
+        raise ValueError(f"model.hf_config has no model_type; supported: {sorted(checkpoint.FAMILIES)}")
+    fam = checkpoint.family(hf_config["model_type"])
+    return fam.build_architecture(fam.config_from_hf(dict(hf_config)), dtype=dtype)
+
+
+def to_hf_config(arch: base.Architecture) -> dict:
+    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+    return checkpoint.family(arch.name).config_to_hf(arch.config)
+
+
+def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, Any]:
+    """(arch, params, tokenizer or None) for model.source in hf | gguf | random."""
+    source, path = model_cfg["source"], model_cfg["path"]
+    if model_cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype {model_cfg['dtype']!r} not in {sorted(DTYPES)}")
+    dtype = DTYPES[model_cfg["dtype"]]
+    if source == "random":
+        arch = from_hf_config(model_cfg["hf_config"], dtype)
+        params = jax.jit(arch.init)(jax.random.PRNGKey(seed))
+        tokenizer = None
+    elif source == "gguf":
+        from fips_jax.hf import gguf  # pylint: disable=import-outside-toplevel
+
+        path = path or gguf.smollm2_gguf_path()
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        arch, params = gguf.load_gguf(path, dtype=dtype)
+        tokenizer = gguf.load_gguf_tokenizer(path) if model_cfg["tokenizer"] == "model" else None
+    elif source == "hf":
+        from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+        if not path:
+            raise ValueError("model.source=hf needs model.path (a checkpoint folder or a hub id)")
+        if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"checkpoint folder not found: {path}")
+        arch, params = checkpoint.load_pretrained(os.path.expanduser(path), dtype=dtype)
+        tokenizer = None
+        if arch.is_causal_lm and model_cfg["tokenizer"] == "model":
+            from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint.resolve(os.path.expanduser(path)))
+    else:
+        raise ValueError(f"model.source {source!r} not in {SOURCES}")
+    if model_cfg["tokenizer"] == "bytes":
+        tokenizer = ByteTokenizer()
+    elif model_cfg["tokenizer"] != "model":
+        raise ValueError(f"model.tokenizer {model_cfg['tokenizer']!r} not in ('model', 'bytes')")
+    return arch, params, tokenizer
