@@ -3,8 +3,9 @@
 The GGUF file is viewed as a `convert.TensorSource` under HF tensor names, so the Llama key map
 and the checks of `convert.load_params` apply unchanged:
 
-  * tensors are dequantised to float32 with numpy by `gguf.quants.dequantize` (Q4_0, Q4_1,
-    Q8_0, F16, F32 and every other type that package knows), one tensor at a time;
+  * the file is parsed by `gguf_file.GgufFile`; tensors are dequantised to float32 with numpy
+    by `gguf.quants.dequantize` (Q4_0, Q4_1, Q8_0, F16, F32 and every other type that package
+    knows), one tensor at a time;
   * llama.cpp stores Q and K rows permuted for its interleaved RoPE; `unpermute_rope_rows`
     undoes that so the HF rotate-half RoPE applies (the same inverse transformers uses);
   * the config comes from `llama.*` metadata; no `output.weight` means tied embeddings.
@@ -20,12 +21,12 @@ import os
 import re
 from typing import Any
 
-import gguf
 import jax.numpy as jnp
 import numpy as np
 
 from fips_jax.hf import convert
 from fips_jax.hf import llama as hf_llama
+from fips_jax.hf.gguf_file import GgufFile
 from fips_jax.models import decoder_common as dc
 from fips_jax.models.llama import LlamaArchitecture, LlamaConfig
 
@@ -87,79 +88,66 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: str) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:  # short reads surface as any of these
-        raise ValueError(f"{path}: corrupt or truncated GGUF file ({e})") from e
+def _field(file: GgufFile, key: str, default: Any = None) -> Any:
+    return file.fields.get(key, default)
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def llama_config(reader: gguf.GGUFReader) -> LlamaConfig:
+def llama_config(file: GgufFile) -> LlamaConfig:
     """LlamaConfig from GGUF metadata (`llama.*`, `tokenizer.ggml.*`) and the tensor list."""
-    arch = _field(reader, "general.architecture")
+    arch = _field(file, "general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama']")
-    names = {t.name for t in reader.tensors}
+    names = set(file.tensors)
     if "rope_freqs.weight" in names:
         # Llama-3.1-style files carry per-frequency RoPE factors as a tensor instead of metadata.
         raise ValueError("GGUF rope_freqs.weight (per-frequency RoPE factors) is not supported")
     scaling = None
-    scaling_type = _field(reader, "llama.rope.scaling.type", "none")
+    scaling_type = _field(file, "llama.rope.scaling.type", "none")
     if scaling_type == "linear":
-        scaling = dc.RopeScaling("linear", float(_field(reader, "llama.rope.scaling.factor")))
+        scaling = dc.RopeScaling("linear", float(_field(file, "llama.rope.scaling.factor")))
     elif scaling_type != "none":
         raise ValueError(f"GGUF rope scaling {scaling_type!r} not supported; supported: ['none', 'linear']")
-    heads = _field(reader, "llama.attention.head_count")
-    d = _field(reader, "llama.embedding_length")
-    vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    heads = _field(file, "llama.attention.head_count")
+    d = _field(file, "llama.embedding_length")
+    vocab = _field(file, "llama.vocab_size") or _field(file, "tokenizer.ggml.tokens").length
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=int(d),
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, "llama.block_count")),
+        intermediate_size=int(_field(file, "llama.feed_forward_length")),
+        num_hidden_layers=int(_field(file, "llama.block_count")),
         num_attention_heads=int(heads),
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", d // heads)),
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        num_key_value_heads=int(_field(file, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_field(file, "llama.rope.dimension_count", d // heads)),
+        max_position_embeddings=int(_field(file, "llama.context_length", 2048)),
+        rms_norm_eps=float(_field(file, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(file, "llama.rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         attention_bias="blk.0.attn_q.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
         tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=_field(file, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(file, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(file, "tokenizer.ggml.padding_token_id"),
     )
 
 
 class GgufLlamaSource:
     """A llama GGUF file as a `convert.TensorSource`: HF names, HF `[out, in]` layout, float32."""
 
-    def __init__(self, path: str, reader: gguf.GGUFReader, config: LlamaConfig):
-        self.source = path
+    def __init__(self, file: GgufFile, config: LlamaConfig):
+        self.source = file.path
+        self._file = file
         self._config = config
-        # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
-        self._tensors = {hf_name(t.name): t for t in reader.tensors}
+        self._names = {hf_name(name): name for name in file.tensors}
 
     def keys(self) -> list[str]:
-        return sorted(self._tensors)
+        return sorted(self._names)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self._tensors[key].shape))
+        return self._file.tensors[self._names[key]].shape
 
     def get(self, key: str, dtype: Any = np.float32) -> np.ndarray:
-        t = self._tensors[key]
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ValueError(f"{self.source}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
-        w = np.asarray(w, np.float32).reshape(self.shape(key))
+        w = self._file.read(self._names[key])
         if ".self_attn.q_proj." in key:
             w = unpermute_rope_rows(w, self._config.num_attention_heads)
         elif ".self_attn.k_proj." in key:
@@ -173,17 +161,22 @@ def load_gguf(path: str, dtype: Any = jnp.float32) -> tuple[LlamaArchitecture, d
     Raises ValueError for other architectures, unsupported RoPE variants or tensor types, and
     (listing all of them) missing, unexpected or mis-shaped tensors.
     """
-    reader = _open(path)
-    cfg = llama_config(reader)
+    file = GgufFile(path)
+    cfg = llama_config(file)
     arch = hf_llama.build_architecture(cfg, dtype=dtype)
-    source = GgufLlamaSource(path, reader, cfg)
+    source = GgufLlamaSource(file, cfg)
     shapes = convert.expected_shapes(arch.init)
     params = convert.load_params(source, hf_llama.key_map(cfg), shapes, dtype)
     return arch, params
 
 
 def load_gguf_tokenizer(path: str) -> Any:
-    """The GGUF file's own tokenizer, rebuilt by transformers (offline; needs `tokenizers`)."""
-    from transformers import AutoTokenizer
+    """The GGUF file's own tokenizer, rebuilt by transformers (offline; needs `tokenizers`).
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    The fast-tokenizer class directly, not `AutoTokenizer`: the latter parses the whole GGUF
+    metadata twice more just to pick that same class (~4x slower).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder, name = os.path.split(os.path.abspath(path))
+    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
