@@ -200,3 +200,17 @@ def test_key_map_covers_every_param_exactly_once():
     shapes = convert.expected_shapes(arch.init)
     paths = [e.flax_path for e in hf_llama.key_map(cfg)]
     assert sorted(paths) == sorted(shapes) and len(set(paths)) == len(paths)
+
+
+def test_hub_ids_go_through_snapshot_download(hf_dir, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(hf_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    arch, _ = checkpoint.load_pretrained("someone/tiny-llama")
+    assert arch.name == "llama" and calls[0][0] == "someone/tiny-llama"
+    assert "*.safetensors" in calls[0][1] and not any(p.endswith(".bin") for p in calls[0][1])

@@ -34,7 +34,8 @@ FAMILIES: dict[str, ModuleType] = {
 }
 
 CONFIG_FILE = "config.json"
-_HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+# Weights, configs and tokenizer/preprocessor files; never the *.bin / *.pt copies of the weights.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
 
 def family(model_type: str) -> ModuleType:
