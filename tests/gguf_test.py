@@ -91,7 +91,8 @@ def test_synthetic_llama_gguf_round_trips_every_tensor(tmp_path, tiny_params, ti
     loaded_arch, loaded = hf_gguf.load_gguf(str(tmp_path / "tiny.gguf"))
     # GGUF stores eps as float32; this tiny file has no tokenizer ids.
     eps = float(np.float32(cfg.rms_norm_eps))
-    assert loaded_arch.config == LlamaConfig(**{**cfg.__dict__, "rms_norm_eps": eps, "bos_token_id": None, "eos_token_id": None})
+    no_ids = {"bos_token_id": None, "eos_token_id": None}
+    assert loaded_arch.config == LlamaConfig(**{**cfg.__dict__, "rms_norm_eps": eps, **no_ids})
     assert ("lm_head" in loaded) == (not tied)
     flat = convert.flatten(loaded)
     for e in hf_llama.key_map(cfg):

@@ -53,7 +53,9 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF file (header needs byte {self.pos + n}, file has {len(self.buf)})")
+            raise ValueError(
+                f"{self.path}: truncated GGUF file (header needs byte {self.pos + n}, file has {len(self.buf)})"
+            )
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out

@@ -32,9 +32,10 @@ def decoder_key_map(
         linears = [("attn", "self_attn", x, f"{x}_proj", attn_bias) for x in "qkvo"]
         linears += [("mlp", "mlp", x, f"{x}_proj", mlp_bias) for x in ("gate", "up", "down")]
         for our_mod, hf_mod, our_fc, hf_fc, bias in linears:
-            entries.append(KeyMapEntry(f"{ours}/{our_mod}/{our_fc}/kernel", f"{hf}.{hf_mod}.{hf_fc}.weight", "transpose"))
+            our_path, hf_path = f"{ours}/{our_mod}/{our_fc}", f"{hf}.{hf_mod}.{hf_fc}"
+            entries.append(KeyMapEntry(f"{our_path}/kernel", f"{hf_path}.weight", "transpose"))
             if bias:
-                entries.append(KeyMapEntry(f"{ours}/{our_mod}/{our_fc}/bias", f"{hf}.{hf_mod}.{hf_fc}.bias"))
+                entries.append(KeyMapEntry(f"{our_path}/bias", f"{hf_path}.bias"))
     entries.append(KeyMapEntry("final_norm/scale", "model.norm.weight"))
     if not tied:
         entries.append(KeyMapEntry("lm_head/kernel", "lm_head.weight", "transpose"))

@@ -114,8 +114,11 @@ class SafetensorsReader:
 
     def _check_index(self, index_path: str) -> None:
         folder = os.path.dirname(index_path)
+        def found(k):
+            return os.path.basename(self._where[k][0]) if k in self._where else "no shard"
+
         wrong = [
-            f"{k!r} (index says {v}, found in {os.path.basename(self._where[k][0]) if k in self._where else 'no shard'})"
+            f"{k!r} (index says {v}, found in {found(k)})"
             for k, v in self._weight_map.items()
             if k not in self._where or self._where[k][0] != os.path.join(folder, v)
         ]

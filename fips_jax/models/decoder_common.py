@@ -56,7 +56,9 @@ class RopeScaling:
         if self.rope_type == "llama3" and None in (
             self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings
         ):
-            raise ValueError(f"llama3 rope scaling needs low/high_freq_factor and original_max_position_embeddings: {self}")
+            raise ValueError(
+                f"llama3 rope scaling needs low/high_freq_factor and original_max_position_embeddings: {self}"
+            )
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
