@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -155,9 +155,12 @@ class GgufLlamaSource:
         return w.astype(dtype)
 
 
-def load_gguf(path: str, dtype: Any = jnp.float32) -> tuple[LlamaArchitecture, dict]:
+def load_gguf(
+    path: str, dtype: Any = jnp.float32, place: Callable[[str, np.ndarray], Any] | None = None
+) -> tuple[LlamaArchitecture, dict]:
     """(LlamaArchitecture, params) from a llama GGUF file; tensors dequantised to float32 first.
 
+    dtype: param and compute dtype. place: see `convert.load_params` (e.g. sharded placement).
     Raises ValueError for other architectures, unsupported RoPE variants or tensor types, and
     (listing all of them) missing, unexpected or mis-shaped tensors.
     """
@@ -166,7 +169,7 @@ def load_gguf(path: str, dtype: Any = jnp.float32) -> tuple[LlamaArchitecture, d
     arch = hf_llama.build_architecture(cfg, dtype=dtype)
     source = GgufLlamaSource(file, cfg)
     shapes = convert.expected_shapes(arch.init)
-    params = convert.load_params(source, hf_llama.key_map(cfg), shapes, dtype)
+    params = convert.load_params(source, hf_llama.key_map(cfg), shapes, dtype, place=place)
     return arch, params
 
 
