@@ -88,13 +88,20 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(file: GgufFile, key: str, default: Any = None) -> Any:
-    return file.fields.get(key, default)
+_REQUIRED = object()
+
+
+def _field(file: GgufFile, key: str, default: Any = _REQUIRED) -> Any:
+    if key in file.fields:
+        return file.fields[key]
+    if default is _REQUIRED:
+        raise ValueError(f"{file.path}: GGUF metadata lacks {key!r}")
+    return default
 
 
 def llama_config(file: GgufFile) -> LlamaConfig:
     """LlamaConfig from GGUF metadata (`llama.*`, `tokenizer.ggml.*`) and the tensor list."""
-    arch = _field(file, "general.architecture")
+    arch = _field(file, "general.architecture", None)
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama']")
     names = set(file.tensors)
@@ -109,7 +116,7 @@ def llama_config(file: GgufFile) -> LlamaConfig:
         raise ValueError(f"GGUF rope scaling {scaling_type!r} not supported; supported: ['none', 'linear']")
     heads = _field(file, "llama.attention.head_count")
     d = _field(file, "llama.embedding_length")
-    vocab = _field(file, "llama.vocab_size") or _field(file, "tokenizer.ggml.tokens").length
+    vocab = _field(file, "llama.vocab_size", None) or _field(file, "tokenizer.ggml.tokens").length
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=int(d),
@@ -125,9 +132,9 @@ def llama_config(file: GgufFile) -> LlamaConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
         tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(file, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(file, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(file, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=_field(file, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_field(file, "tokenizer.ggml.eos_token_id", None),
+        pad_token_id=_field(file, "tokenizer.ggml.padding_token_id", None),
     )
 
 
