@@ -1,0 +1,296 @@
+"""One block's FiPS-compressed MLP: the group's shared basis U times this block's factors V_t.
+
+Block b's FC t is `W_t = U V_t` (SPEC §1) with U: [d, r] shared by the group and
+V_t: [r, p] sparse. Three forwards of the same function, chosen by `mode`:
+
+  "materialize"  W_t = U V_t, then the dense MLP (`base.mlp_apply`): d*r*p flops per FC up front,
+                 the cheap choice for calibration batches of thousands of tokens.
+  "factored"     fc1-like `(x @ U) @ V_t`, fc2/down-like `(x @ V_t^T) @ U^T`; W never exists.
+  "sparse"       the factored products with V_t held packed: only nonzeros and their rows.
+
+Packed V (`PackedV`), ELLPACK along r, the axis `(x @ U) @ V_t` contracts over: for every FC f and
+column j of V_f [r, p], the rows of its nonzeros in increasing order, padded to K per column
+(K = the block's largest column count; padding has value 0 on a row the column does not use):
+
+    values [F, K, p] float      index [F, K, p] uint16 row in [0, r)
+
+N:M: when every tile of m consecutive rows of a column keeps at most n entries (the 2:4 masks of
+`sparsity.create_updater("nm", n=2, m=4, axis=-2)` on v [n_blocks, F, r, p]), K = r n / m and
+entry k of a column lies in tile k // n, so the index shrinks to the position inside the tile
+(uint8 in [0, m)). Tiles run along r because r is the reduction dimension of `(x U) V_t`:
+`y^T = V_t^T (x U)^T` is the shape 2:4 tensor-core kernels take, sparse operand V_t^T [p, r] with
+its N:M tiles along the reduction. (fc2/down-like FCs reduce over p; a hardware kernel for them
+would want tiles along p, but the updater has one axis for the whole v leaf.)
+
+A packed V runs with one of two kernels, both plain XLA so they work on CPU under jit:
+  "densify"  rebuild V_f [r, p] inside the jitted function (N:M: compare-and-select, no scatter),
+             then the factored matmuls; between calls only the packed V is held.
+  "gather"   never forms V_f: gathers (fc1-like) or scatter-adds (fc2-like) the K entries of
+             every column, T*K*p work; worth it only for a handful of tokens (decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fips_jax import local_opt
+from fips_jax.models import base
+
+MODES = ("materialize", "factored", "sparse")
+SPARSE_KERNELS = ("densify", "gather")
+INDEX_COLLECTION = "fips_index"  # non-trainable integer variables: packed V's row indices
+
+
+@flax.struct.dataclass
+class PackedV:
+    """One block's V factors [F, r, p] as ELLPACK along r (see the module docstring).
+
+    values: [F, K, p] float; index: [F, K, p] uint16 rows (uint8 tile positions when `nm`).
+    """
+
+    values: jax.Array
+    index: jax.Array
+    rank: int = flax.struct.field(pytree_node=False)
+    nm: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
+
+    def rows(self) -> jax.Array:
+        """int32 [F, K, p]: the row of V_f that every stored entry belongs to."""
+        idx = self.index.astype(jnp.int32)
+        if self.nm is None:
+            return idx
+        n, m = self.nm
+        tile_start = (jnp.arange(idx.shape[1], dtype=jnp.int32) // n) * m
+        return tile_start[None, :, None] + idx
+
+    def dense(self) -> jax.Array:
+        """V [F, r, p], exactly: every stored value lands once, every other entry is +0."""
+        f, k, p = self.values.shape
+        if self.nm is not None:
+            # Each stored entry of tile t sits at one of m positions: select, do not scatter.
+            n, m = self.nm
+            vals = self.values.reshape(f, k // n, n, 1, p)
+            hit = self.index.reshape(f, k // n, n, 1, p).astype(jnp.int32) == jnp.arange(m)[:, None]
+            return jnp.sum(jnp.where(hit, vals, jnp.zeros((), vals.dtype)), axis=2).reshape(f, self.rank, p)
+        fi = jnp.arange(f)[:, None, None]
+        cols = jnp.arange(p)[None, None, :]
+        # Rows within a column are distinct (padding uses rows the column does not use).
+        return jnp.zeros((f, self.rank, p), self.values.dtype).at[fi, self.rows(), cols].set(
+            self.values, unique_indices=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.size * self.values.dtype.itemsize + self.index.size * self.index.dtype.itemsize)
+
+
+def _kept(v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return v != 0
+    mask = np.asarray(mask, bool)
+    if mask.shape != v.shape:
+        raise ValueError(f"mask shape {mask.shape} != v shape {v.shape}")
+    if np.any((v != 0) & ~mask):
+        raise ValueError(f"v has {int(np.sum((v != 0) & ~mask))} nonzeros outside the mask")
+    return mask
+
+
+def pack(v: Any, *, nm: tuple[int, int] | None = None, mask: Any = None) -> PackedV:
+    """Pack one block's factors. Runs on the host (the packed shape depends on the data).
+
+    v: [F, r, p], zero where pruned. mask: [F, r, p] bool (True = kept) or None (the nonzeros
+    of v); pass the updater's mask to keep kept entries that happen to be exactly 0.
+    nm: (n, m): the N:M layout; a ValueError if some tile of m rows keeps more than n entries.
+    """
+    v = np.asarray(v)
+    if v.ndim != 3:
+        raise ValueError(f"pack takes one block's v [F, r, p], got shape {v.shape}")
+    kept = _kept(v, mask)
+    f, r, p = v.shape
+    if nm is not None:
+        n, m = nm
+        if not 0 < n <= m or r % m:
+            raise ValueError(f"{n}:{m} tiles along r need 0 < n <= m and m | r; r = {r}")
+        tiles = kept.reshape(f, r // m, m, p)
+        worst = int(tiles.sum(axis=2).max(initial=0))
+        if worst > n:
+            raise ValueError(f"not {n}:{m} along r (axis -2 of v): a tile of {m} rows keeps {worst} entries")
+        # Stable sort of "not kept" puts a tile's kept positions first, in increasing order, then
+        # unused positions as padding (their values are 0).
+        pos = np.argsort(~tiles, axis=2, kind="stable")[:, :, :n, :]
+        vals = np.take_along_axis(v.reshape(f, r // m, m, p), pos, axis=2)
+        return PackedV(jnp.asarray(vals.reshape(f, r // m * n, p)), jnp.asarray(pos.reshape(f, -1, p), jnp.uint8),
+                       rank=r, nm=(n, m))
+    k = max(int(kept.sum(axis=1).max(initial=0)), 1)
+    rows = np.argsort(~kept, axis=1, kind="stable")[:, :k, :]
+    vals = np.take_along_axis(np.where(kept, v, 0), rows, axis=1)
+    index_dtype = jnp.uint16 if r <= np.iinfo(np.uint16).max + 1 else jnp.int32
+    return PackedV(jnp.asarray(vals), jnp.asarray(rows, index_dtype), rank=r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure forwards. x: [..., d] -> [..., d]; u: [d, r]; v: [F, r, p]; bias: {fc name: [out]} or None
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp(spec: base.MlpSpec, fc: Callable[[int, jax.Array], jax.Array], bias: Mapping[str, jax.Array] | None,
+         x: jax.Array) -> jax.Array:
+    """The MLP of `spec` given `fc(f, h) = h @ kernel_f` (flax layout), in `base.mlp_apply`'s order."""
+    act = base.ACTIVATIONS[spec.activation]
+
+    def lin(f, h):
+        y = fc(f, h)
+        if bias is not None:
+            y = y + bias[spec.fc_names[f]].astype(y.dtype)
+        return y
+
+    if spec.gated:
+        return lin(2, act(lin(0, x)) * lin(1, x))
+    return lin(1, act(lin(0, x)))
+
+
+def materialize_forward(spec: base.MlpSpec, u: jax.Array, v: jax.Array, bias, x: jax.Array) -> jax.Array:
+    """W_t = u @ v[t] for every FC, then the dense MLP."""
+    return base.mlp_apply(spec, local_opt.block_mlp_params(spec, u, v, bias), x)
+
+
+def factored_forward(spec: base.MlpSpec, u: jax.Array, v: jax.Array, bias, x: jax.Array) -> jax.Array:
+    """fc1-like `(h @ u) @ v_t` ([.., d] -> [.., r] -> [.., p]); fc2-like `(h @ v_t^T) @ u^T`."""
+    u = u.astype(x.dtype)
+
+    def fc(f, h):
+        v_f = v[f].astype(h.dtype)
+        return (h @ v_f.T) @ u.T if spec.transposed[f] else (h @ u) @ v_f
+
+    return _mlp(spec, fc, bias, x)
+
+
+def _gather_mul(h: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
+    """h [.., r] @ V [r, p] from one FC's packed entries (values, rows: [K, p]) -> [.., p]."""
+    return jnp.sum(jnp.take(h, rows, axis=-1) * values, axis=-2)
+
+
+def _scatter_mul_t(h: jax.Array, values: jax.Array, rows: jax.Array, rank: int) -> jax.Array:
+    """h [.., p] @ V^T [p, r] from one FC's packed entries -> [.., r]."""
+    contrib = h[..., None, :] * values  # [.., K, p]: entry (k, j) adds h_j V[rows[k, j], j]
+    return jnp.zeros(h.shape[:-1] + (rank,), h.dtype).at[..., rows].add(contrib)
+
+
+def sparse_forward(spec: base.MlpSpec, u: jax.Array, v: PackedV, bias, x: jax.Array,
+                   kernel: str = "densify") -> jax.Array:
+    """The factored forward with a packed V (`kernel` in SPARSE_KERNELS, see the module docstring)."""
+    if kernel == "densify":
+        return factored_forward(spec, u, v.dense(), bias, x)
+    if kernel != "gather":
+        raise ValueError(f"sparse kernel {kernel!r} not in {SPARSE_KERNELS}")
+    u = u.astype(x.dtype)
+    rows = v.rows()
+
+    def fc(f, h):
+        vals = v.values[f].astype(h.dtype)
+        if spec.transposed[f]:
+            return _scatter_mul_t(h, vals, rows[f], v.rank) @ u.T
+        return _gather_mul(h @ u, vals, rows[f])
+
+    return _mlp(spec, fc, bias, x)
+
+
+def forward(spec: base.MlpSpec, mode: str, u: jax.Array, v: jax.Array | PackedV, bias, x: jax.Array,
+            sparse_kernel: str = "densify") -> jax.Array:
+    """One block's compressed MLP in `mode`; v is [F, r, p] except in "sparse" mode (PackedV)."""
+    if mode == "materialize":
+        return materialize_forward(spec, u, v, bias, x)
+    if mode == "factored":
+        return factored_forward(spec, u, v, bias, x)
+    if mode == "sparse":
+        if not isinstance(v, PackedV):
+            raise ValueError("sparse mode takes a PackedV (fips_mlp.pack(v))")
+        return sparse_forward(spec, u, v, bias, x, sparse_kernel)
+    raise ValueError(f"FiPS MLP mode {mode!r} not in {MODES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The linen module
+# ---------------------------------------------------------------------------------------------
+
+
+class FipsMlp(nn.Module):
+    """One block's compressed MLP; the shared basis u [d, r] is an argument (its group owns it).
+
+    Params: `v` [F, r, p] (None, "rank", "mlp") in materialize/factored mode; in sparse mode
+    `v_values` [F, K, p] (None, "packed_rank", "mlp") plus the integer `v_index` in the
+    INDEX_COLLECTION variables. Biases `bias_<fc>` [out] ("mlp" or "embed") when `spec.has_bias`.
+    `from_group` builds the module and its variables from a trained group.
+    """
+
+    spec: base.MlpSpec
+    rank: int
+    features: int                      # p, the MLP width
+    mode: str = "factored"
+    packed_k: int = 0                  # sparse: stored entries per column of V_f (K)
+    nm: tuple[int, int] | None = None  # sparse: N:M layout (index = position in tile)
+    sparse_kernel: str = "densify"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, u: jax.Array) -> jax.Array:
+        """x: [..., d], u: [d, r] -> [..., d]."""
+        if self.mode not in MODES:
+            raise ValueError(f"FiPS MLP mode {self.mode!r} not in {MODES}")
+        d, f = x.shape[-1], len(self.spec.fc_names)
+        init = nn.initializers.normal(stddev=0.02)
+        if self.mode == "sparse":
+            if self.packed_k < 1:
+                raise ValueError("sparse mode needs packed_k >= 1 (use fips_mlp.from_group)")
+            shape = (f, self.packed_k, self.features)
+            values = self.param("v_values", nn.with_logical_partitioning(init, (None, "packed_rank", "mlp")),
+                                shape, self.param_dtype)
+            index_dtype = jnp.uint8 if self.nm else jnp.uint16
+            index = self.variable(INDEX_COLLECTION, "v_index", jnp.zeros, shape, index_dtype).value
+            v = PackedV(values, index, rank=self.rank, nm=self.nm)
+        else:
+            v = self.param("v", nn.with_logical_partitioning(init, (None, "rank", "mlp")),
+                           (f, self.rank, self.features), self.param_dtype)
+        bias = None
+        if self.spec.has_bias:
+            bias = {}
+            for name, tr in zip(self.spec.fc_names, self.spec.transposed):
+                out, axis = (d, "embed") if tr else (self.features, "mlp")
+                bias[name] = self.param(f"bias_{name}", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,)),
+                                        (out,), self.param_dtype)
+        return forward(self.spec, self.mode, u, v, bias, x, self.sparse_kernel)
+
+
+def from_group(spec: base.MlpSpec, group: Mapping[str, Any], b: int, mode: str = "factored", *,
+               nm: tuple[int, int] | None = None, mask: Any = None,
+               sparse_kernel: str = "densify") -> tuple[FipsMlp, dict]:
+    """(module, variables) for block b of a trained group `{"u": [d, r], "v": [n, F, r, p],
+    "bias": {fc: [n, out]}}` (the `local_opt` layout). Apply as `module.apply(variables, x, u)`.
+
+    mask: the group's [n, F, r, p] sparsity mask for sparse mode (None: the nonzeros of v).
+    """
+    v_b = group["v"][b]
+    _, r, p = v_b.shape
+    params: dict = {}
+    variables: dict = {"params": params}
+    kwargs: dict = {}
+    if mode == "sparse":
+        packed = pack(v_b, nm=nm, mask=None if mask is None else np.asarray(mask)[b])
+        params["v_values"] = packed.values
+        variables[INDEX_COLLECTION] = {"v_index": packed.index}
+        kwargs = dict(packed_k=packed.values.shape[1], nm=packed.nm, sparse_kernel=sparse_kernel)
+    else:
+        params["v"] = jnp.asarray(v_b)
+    if "bias" in group:
+        for name in spec.fc_names:
+            params[f"bias_{name}"] = jnp.asarray(group["bias"][name][b])
+    return FipsMlp(spec, rank=r, features=p, mode=mode, **kwargs), variables
+
+
+def held_bytes(variables: Mapping[str, Any]) -> int:
+    """Bytes of every array in a variables tree (what a mode keeps in memory between calls)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(variables)))
