@@ -1,0 +1,268 @@
+"""A compressed model as ONE safetensors file that stores only the nonzeros of every V.
+
+    python -m fips_jax.export_sparse --compressed=/tmp/run/compressed --out=/tmp/run/model.safetensors
+
+Tensors (slash-joined names):
+
+    base/<param path>        every param outside the grouped MLP kernels, in its own dtype
+    fips/gNN/u               [d, r] shared basis (dense)
+    fips/gNN/bias/<fc>       [n, out] trained biases (MLPs with biases only)
+    fips/gNN/v/values        [nnz] the nonzeros of v [n, F, r, p], row-major
+    fips/gNN/v/row_nnz       [n*F*r] uint16 nonzeros in each row of length p
+    fips/gNN/v/bitmap        [rows_b, ceil(p/8)] uint8, one bit per entry (np.packbits, little)
+    fips/gNN/v/cols          [n_c] uint16 column indices, row-major
+
+Index format ("row-adaptive"): every row of length p picks the cheaper position code from its
+count c alone, so no per-row flag is stored: c = 0 or c = p needs nothing; 2c < ceil(p/8) lists
+its c columns as uint16; otherwise a p-bit bitmap. A mask at 75% sparsity costs about 1 bit per
+entry (4 bits per nonzero) where rows are evenly filled, and 16 bits per nonzero of the rare
+entries in the near-empty rows that GMP leaves below the top of the rank (SVD order puts the large
+singular directions first; rows past d from hybrid growth are often empty). A 2:4 mask costs
+1 bit per entry, as 2-bit in-tile positions would. Indices are uint32 when p > 65535.
+
+`__metadata__` holds `format` and the manifest JSON of `export.save` (the architecture comes from
+its hf_config), so the file alone rebuilds the model. Loading reads tensors with `safetensors`
+only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fips_jax import export, grouping
+from fips_jax.models import base
+
+FORMAT = "fips_jax.sparse/1"
+V_PARTS = ("values", "row_nnz", "bitmap", "cols")
+
+
+def _index_dtype(p: int) -> np.dtype:
+    return np.dtype(np.uint16) if p <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def _row_kinds(counts: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows coded as column lists, rows coded as bitmaps), from the per-row counts alone."""
+    partial = (counts > 0) & (counts < p)
+    as_cols = partial & (2 * counts < -(-p // 8))
+    return as_cols, partial & ~as_cols
+
+
+def encode_v(v: Any) -> dict[str, np.ndarray]:
+    """v [..., p] (zeros where pruned) -> {values, row_nnz, bitmap, cols} (see module docstring)."""
+    v = np.asarray(v)
+    p = v.shape[-1]
+    rows = v.reshape(-1, p)
+    kept = rows != 0
+    counts = kept.sum(axis=1)
+    as_cols, as_bits = _row_kinds(counts, p)
+    return {
+        "values": rows[kept],
+        "row_nnz": counts.astype(_index_dtype(p)),
+        "bitmap": np.packbits(kept[as_bits], axis=1, bitorder="little"),
+        "cols": np.nonzero(kept[as_cols])[1].astype(_index_dtype(p)),
+    }
+
+
+def decode_v(parts: Mapping[str, np.ndarray], shape: tuple[int, ...], where: str = "v") -> np.ndarray:
+    """Inverse of `encode_v`: the dense v of `shape`, +0 at every pruned entry."""
+    p, n_rows = shape[-1], int(np.prod(shape[:-1]))
+    counts = np.asarray(parts["row_nnz"]).astype(np.int64)
+    values, bitmap, cols = parts["values"], parts["bitmap"], np.asarray(parts["cols"]).astype(np.int64)
+    if counts.shape != (n_rows,) or np.any(counts > p) or values.shape != (int(counts.sum()),):
+        raise ValueError(f"{where}: row_nnz {counts.shape} / values {values.shape} do not fit v {shape}")
+    as_cols, as_bits = _row_kinds(counts, p)
+    if bitmap.shape != (int(as_bits.sum()), -(-p // 8)) or cols.shape != (int(counts[as_cols].sum()),):
+        raise ValueError(f"{where}: bitmap {bitmap.shape} / cols {cols.shape} do not match row_nnz")
+    if cols.size and cols.max() >= p:
+        raise ValueError(f"{where}: column index {int(cols.max())} >= p = {p}")
+    kept = np.zeros((n_rows, p), bool)
+    kept[counts == p] = True
+    kept[as_bits] = np.unpackbits(bitmap, axis=1, count=p, bitorder="little").astype(bool)
+    kept[np.repeat(np.nonzero(as_cols)[0], counts[as_cols]), cols] = True
+    if not np.array_equal(kept.sum(axis=1), counts):  # repeated columns or a wrong bitmap
+        raise ValueError(f"{where}: positions disagree with row_nnz")
+    out = np.zeros((n_rows, p), values.dtype)
+    out[kept] = values  # boolean assignment is row-major, the order encode_v read them in
+    return out.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeReport:
+    """Bytes on disk of the MLP part next to the dense MLP it replaces (biases excluded from both,
+    as in the parameter budget)."""
+
+    file_bytes: int
+    dense_mlp_bytes: int   # original MLP weights at the basis' dtype (float32: 4 bytes each)
+    u_bytes: int
+    v_value_bytes: int
+    v_index_bytes: int     # row_nnz + bitmap + cols
+    bias_bytes: int
+    other_bytes: int       # base/ params (attention, norms, embeddings, ...)
+
+    @property
+    def mlp_bytes(self) -> int:
+        return self.u_bytes + self.v_value_bytes + self.v_index_bytes
+
+    @property
+    def mlp_fraction(self) -> float:
+        return self.mlp_bytes / self.dense_mlp_bytes
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mlp_bytes": self.mlp_bytes, "mlp_fraction": self.mlp_fraction}
+
+    def table(self) -> str:
+        mb = lambda b: f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
+        return "\n".join([
+            "| part | bytes | of dense MLP |", "|---|---:|---:|",
+            f"| dense MLP weights | {mb(self.dense_mlp_bytes)} | 100.0% |",
+            f"| U | {mb(self.u_bytes)} | {self.u_bytes / self.dense_mlp_bytes:.1%} |",
+            f"| V nonzeros | {mb(self.v_value_bytes)} | {self.v_value_bytes / self.dense_mlp_bytes:.1%} |",
+            f"| V indices | {mb(self.v_index_bytes)} | {self.v_index_bytes / self.dense_mlp_bytes:.1%} |",
+            f"| **FiPS MLP (U + V + indices)** | {mb(self.mlp_bytes)} | **{self.mlp_fraction:.1%}** |",
+            f"| MLP biases | {mb(self.bias_bytes)} | |",
+            f"| other params | {mb(self.other_bytes)} | |",
+            f"| file | {mb(self.file_bytes)} | |",
+        ])
+
+
+def size_report(sizes: Mapping[str, int], manifest: Mapping[str, Any], file_bytes: int) -> SizeReport:
+    """SizeReport from {tensor name: nbytes}."""
+    g0 = manifest["groups"][0]
+    itemsize = sizes[f"fips/{g0['name']}/u"] // (g0["d"] * g0["rank"])  # the dense MLP's dtype
+    dense = itemsize * sum(len(g["blocks"]) * len(g["fc_names"]) * g["d"] * g["p"] for g in manifest["groups"])
+    part = lambda pred: sum(b for k, b in sizes.items() if pred(k))
+    return SizeReport(
+        file_bytes=file_bytes, dense_mlp_bytes=dense,
+        u_bytes=part(lambda k: k.startswith("fips/") and k.endswith("/u")),
+        v_value_bytes=part(lambda k: k.startswith("fips/") and k.endswith("/v/values")),
+        v_index_bytes=part(lambda k: k.startswith("fips/") and k.rsplit("/", 1)[-1] in V_PARTS[1:]),
+        bias_bytes=part(lambda k: k.startswith("fips/") and "/bias/" in k),
+        other_bytes=part(lambda k: k.startswith("base/")),
+    )
+
+
+def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}{grouping.path_str(k)}": np.asarray(x) for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> SizeReport:
+    """Write `{"base", "fips": {gNN: {u, v, bias?}}}` (the tree `export.save` stores) and its
+    manifest to one safetensors file, atomically. Returns the sizes."""
+    tensors = _flat(tree["base"], "base/")
+    for g in manifest["groups"]:
+        name, p = g["name"], tree["fips"][g["name"]]
+        tensors[f"fips/{name}/u"] = np.asarray(p["u"])
+        for part, arr in encode_v(p["v"]).items():
+            tensors[f"fips/{name}/v/{part}"] = arr
+        if "bias" in p:
+            tensors.update(_flat(p["bias"], f"fips/{name}/bias/"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={"format": FORMAT, "manifest": json.dumps(manifest, sort_keys=True)})
+    os.replace(tmp, path)
+    return size_report({k: v.nbytes for k, v in tensors.items()}, manifest, os.path.getsize(path))
+
+
+def convert(compressed_dir: str, path: str) -> SizeReport:
+    """The Orbax export of `export.save` in `compressed_dir` -> one sparse safetensors file."""
+    tree, manifest = export.read_tree(compressed_dir)
+    return save(path, tree, manifest)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for key, x in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = x
+    return out
+
+
+def read(path: str) -> tuple[dict, dict]:
+    """(tree, manifest) from a sparse file: the tree `export.save` stores, v decoded to dense
+    [n, F, r, p]. Raises ValueError for another format, missing or extra tensors."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no sparse model file at {path}")
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        manifest = json.loads(meta["manifest"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    base_tree = _nest({k[len("base/"):]: jnp.asarray(x) for k, x in arrays.items() if k.startswith("base/")})
+    fips, used = {}, {k for k in arrays if k.startswith("base/")}
+    for g in manifest["groups"]:
+        name = g["name"]
+        keys = [f"fips/{name}/u", *(f"fips/{name}/v/{part}" for part in V_PARTS)]
+        bias_keys = [f"fips/{name}/bias/{fc}" for fc in g["fc_names"]]
+        has_bias = any(k in arrays for k in bias_keys)
+        missing = [k for k in keys + (bias_keys if has_bias else []) if k not in arrays]
+        if missing:
+            raise ValueError(f"{path}: missing tensors {missing}")
+        used.update(keys + (bias_keys if has_bias else []))
+        shape = (len(g["blocks"]), len(g["fc_names"]), g["rank"], g["p"])
+        v = decode_v({part: arrays[f"fips/{name}/v/{part}"] for part in V_PARTS}, shape, where=f"{path}: {name}/v")
+        fips[name] = {"u": jnp.asarray(arrays[f"fips/{name}/u"]), "v": jnp.asarray(v)}
+        if has_bias:
+            fips[name]["bias"] = {fc: jnp.asarray(arrays[f"fips/{name}/bias/{fc}"]) for fc in g["fc_names"]}
+        # The kernels' parents exist (empty) in the saved tree; assembly writes into them.
+        for row in g["fc_paths"]:
+            for kernel in row:
+                node = base_tree
+                for part in kernel.split("/")[:-1]:
+                    node = node.setdefault(part, {})
+    extra = sorted(set(arrays) - used)
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {extra[:20]}")
+    return {"base": base_tree, "fips": fips}, manifest
+
+
+def load_sparse(path: str) -> tuple[base.Architecture, dict, dict]:
+    """(arch, dense-layout params, manifest): the same params as `export.load` of the directory
+    the file was converted from (bit-identical: same arrays, same assembly)."""
+    tree, manifest = read(path)
+    arch, params = export.assemble_tree(tree, manifest, where=path)
+    return arch, params, manifest
+
+
+def file_size_report(path: str) -> SizeReport:
+    """The SizeReport of an existing file, from its header (no tensor data is read)."""
+    with safe_open(path, framework="numpy") as f:
+        manifest = json.loads((f.metadata() or {})["manifest"])
+        sizes = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _ITEMSIZE[sl.get_dtype()]
+    return size_report(sizes, manifest, os.path.getsize(path))
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def main(argv):
+    del argv
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    report = convert(flags.FLAGS.compressed, flags.FLAGS.out)
+    print(f"wrote {flags.FLAGS.out}\n{report.table()}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("compressed", None, "A compressed model directory written by the pipeline (export.save).")
+    flags.DEFINE_string("out", None, "The .safetensors file to write.")
+    flags.mark_flags_as_required(["compressed", "out"])
+    app.run(main)
