@@ -11,9 +11,9 @@ logical names to mesh axes, so the model code never names a mesh axis:
 Rules are data: `((logical name, mesh axis | tuple of mesh axes | None), ...)`. A name may appear
 several times; each array dimension takes the first candidate whose mesh axes are not already
 used by an earlier dimension of the same array and whose size divides the dimension (otherwise
-the next candidate, finally replicated). That is how `U: ("embed", "rank")` and
-`V: ("block", "fc", "rank", "mlp")` share one table: V shards its rank axis on "fsdp", U's embed
-axis took "fsdp" first so its rank axis stays whole (U is small: d x r).
+the next candidate, finally replicated). That is how a gate kernel `[d, p]: ("embed", "mlp")`
+and a down kernel `[p, d]: ("mlp", "embed")` share one table: whichever axis comes first takes
+"fsdp", the other what is left.
 
 Optimiser states and sparsity masks shadow the params (Adam's mu/nu, `SparseState.masks`), so
 `shadow_shardings` gives each of their leaves the sharding of the param it mirrors and replicates
@@ -39,14 +39,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # FSDP-style defaults for calibration: every large tensor is split over "fsdp" along one axis and
 # over "tensor" along another; token positions are split over every data-parallel device, so the
 # [n, tokens, d] activations of a group are never replicated.
+#
+# FiPS factors: V [n, F, r, p] is split along p over fsdp x tensor, never along r: r comes from the
+# budget formula and is rarely divisible (Llama-3.1-8B: 7819), while p is (14336 = 2^11 * 7). With
+# V split along p, each device forms its own columns of W = U V locally (U is small and
+# replicated along r) and only the minibatch of activations moves, never a [d, p] weight.
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),    # calibration windows [N, window]
     ("tokens", ("data", "fsdp")),   # flattened token positions of MLP inputs [n, tokens, d]
     ("length", None),
-    ("act_embed", None),            # model width of activations: gathered weights, local tokens
+    ("act_embed", None),            # model width of activations
     ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("rank", "fsdp"),               # V [n, F, r, p]: r on fsdp; in U [d, r] "embed" took fsdp first
+    ("mlp", ("fsdp", "tensor")),    # V, and down kernels [p, d] whose p comes first
+    ("mlp", "tensor"),              # gate/up kernels [d, p]: embed took fsdp already
+    ("rank", None),
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("kv_heads", "tensor"),
@@ -88,6 +94,26 @@ def distributed_reason(environ: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+def distributed_kwargs(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Arguments for `jax.distributed.initialize` that its cluster auto-detection does not find.
+
+    - JAX_NUM_PROCESSES / JAX_PROCESS_ID next to JAX_COORDINATOR_ADDRESS (jax reads only the
+      address from the environment).
+    - SLURM with one task per node: jax would give each process the single GPU numbered by its
+      SLURM_LOCALID; the process drives every GPU of its node instead (SLURM_GPUS_ON_NODE).
+    """
+    out: dict[str, Any] = {}
+    if environ.get("JAX_NUM_PROCESSES"):
+        out["num_processes"] = int(environ["JAX_NUM_PROCESSES"])
+    if environ.get("JAX_PROCESS_ID"):
+        out["process_id"] = int(environ["JAX_PROCESS_ID"])
+    one_per_node = environ.get("SLURM_NTASKS_PER_NODE") == "1" or (
+        environ.get("SLURM_NTASKS") and environ.get("SLURM_NTASKS") == environ.get("SLURM_NNODES"))
+    if one_per_node and environ.get("SLURM_GPUS_ON_NODE") and not environ.get("JAX_LOCAL_DEVICE_IDS"):
+        out["local_device_ids"] = list(range(int(environ["SLURM_GPUS_ON_NODE"])))
+    return out
+
+
 def initialize_distributed(environ: Mapping[str, str] = os.environ, log: Callable[[str], None] = print) -> bool:
     """`jax.distributed.initialize()` (cluster auto-detection: SLURM, Cloud TPU, or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) when the environment
@@ -95,7 +121,7 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ, log: Callabl
     reason = distributed_reason(environ)
     if reason is None:
         return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_kwargs(environ))
     log(f"jax.distributed: process {jax.process_index()}/{jax.process_count()} ({reason}), "
         f"{jax.local_device_count()} local of {jax.device_count()} devices")
     return True

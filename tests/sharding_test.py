@@ -20,7 +20,7 @@ TINY_LLAMA = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
     rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")
 MESH_2x4 = {"data": 2, "fsdp": 4, "tensor": 1}
-U_SPEC, V_SPEC = P("fsdp", None), P(None, None, "fsdp", "tensor")
+U_SPEC, V_SPEC = P("fsdp", None), P(None, None, None, ("fsdp", "tensor"))
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_make_mesh_shapes_and_errors():
 def test_rules_resolve_each_mesh_axis_once_and_only_where_it_divides():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     spec = lambda axes, shape: sharding.logical_to_spec(axes, mesh, RULES, shape)
-    assert spec(sharding.U_AXES, (32, 48)) == P("fsdp", None)  # rank loses fsdp to embed
-    assert spec(sharding.V_AXES, (2, 3, 48, 80)) == V_SPEC
-    assert spec(sharding.V_AXES, (2, 3, 47, 80)) == P(None, None, None, "tensor")  # 47 % 2
+    assert spec(sharding.U_AXES, (32, 47)) == P("fsdp", None)
+    assert spec(sharding.V_AXES, (2, 3, 47, 80)) == V_SPEC  # never split on the rank, split on p
+    assert spec(sharding.V_AXES, (2, 3, 47, 6)) == P(None, None, None, "tensor")  # 6 % 4: next candidate
     assert spec(sharding.ACTIVATION_AXES, (2, 128, 32)) == P(None, ("data", "fsdp"), None)
     assert spec(sharding.GROUP_MATRIX_AXES, (32, 480)) == P(None, ("data", "fsdp", "tensor"))
     # First free candidate wins.
@@ -66,7 +66,7 @@ def test_model_params_follow_the_rules(tiny):
     mesh = sharding.make_mesh(MESH_2x4)
     sh = sharding.logical_to_sharding(arch.logical_axes(), mesh, RULES, params)
     assert sh["blocks_0"]["mlp"]["gate"]["kernel"].spec == P("fsdp", "tensor")
-    assert sh["blocks_0"]["mlp"]["down"]["kernel"].spec == P("tensor", "fsdp")
+    assert sh["blocks_0"]["mlp"]["down"]["kernel"].spec == P(("fsdp", "tensor"), None)  # p comes first
     assert sh["blocks_1"]["attn"]["k"]["kernel"].spec == P("fsdp", "tensor")
     assert sh["embed"]["embedding"].spec == P("tensor", "fsdp")
     placed = jax.device_put(params, sh)
@@ -103,6 +103,16 @@ def test_distributed_reason_reads_the_environment():
     assert sharding.distributed_reason({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
     assert sharding.distributed_reason({"FIPS_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "a:1"}) is None
     assert not sharding.initialize_distributed({})
+
+
+def test_distributed_kwargs_fill_what_jax_does_not_detect():
+    assert sharding.distributed_kwargs({}) == {}
+    assert sharding.distributed_kwargs({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4",
+                                        "JAX_PROCESS_ID": "2"}) == {"num_processes": 4, "process_id": 2}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
+    assert sharding.distributed_kwargs(slurm) == {"local_device_ids": list(range(8))}
+    assert sharding.distributed_kwargs(slurm | {"SLURM_NTASKS": "16"}) == {}  # one task per GPU: jax's default
+    assert sharding.distributed_kwargs(slurm | {"JAX_LOCAL_DEVICE_IDS": "0,1"}) == {}
 
 
 # --- the local step, sharded -------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_gram_sharded_equals_single_device():
     assert {s.data.shape for s in w_dist.addressable_shards} == {(D, N * F * PW // 8)}
     init = jax.jit(svd_init.init_group_gram, static_argnames=STATIC, out_shardings=out_sh)
     dist = init(w_dist, rank=rank, n_blocks=N, n_fcs=F)
-    assert dist.v.sharding.spec == P(None, None, "fsdp", "tensor")
+    assert dist.v.sharding.spec == P(None, None, None, ("fsdp", "tensor"))
     np.testing.assert_allclose(dist.u, single.u, atol=1e-5)
     np.testing.assert_allclose(dist.v, single.v, atol=1e-5 * float(jnp.max(jnp.abs(single.v))))
 
