@@ -42,6 +42,7 @@ class LocalOptConfig:
     n: int = 2                    # N:M
     m: int = 4
     nm_axis: int = -1
+    prune_end: float = 1.0        # GMP reaches the target at this fraction of the steps (paper: 1.0)
     reference_parity: bool = False
 
 
@@ -57,7 +58,8 @@ def make_optimizer(cfg: LocalOptConfig):
     updater = sparsity.create_updater(
         algorithm=cfg.algorithm,
         sparsity=cfg.sparsity,
-        t_end=cfg.steps,
+        # Short runs end the ramp early to leave steps for recovery at the final sparsity.
+        t_end=max(int(round(cfg.prune_end * cfg.steps)), 2),
         update_freq=cfg.update_freq,
         filter_regex=V_FILTER,
         scope=cfg.scope,
