@@ -63,6 +63,20 @@ DEFAULT_RULES: Rules = (
     ("columns", ("data", "fsdp", "tensor")),  # long axis of a group matrix W_s [d, n*F*p]
 )
 
+def rules_from_config(rules: Any) -> Rules:
+    """Rules from a run config: () means DEFAULT_RULES; lists (as JSON gives them back) become
+    tuples. Raises ValueError for an entry that is not (logical name, mesh axes)."""
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for entry in rules:
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"sharding rule {entry!r} is not (logical name, mesh axis | [mesh axes] | None)")
+        name, axes = entry
+        out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
 U_AXES: LogicalAxes = ("embed", "rank")                 # u: [d, r]
 V_AXES: LogicalAxes = ("block", "fc", "rank", "mlp")    # v: [n, F, r, p]
 ACTIVATION_AXES: LogicalAxes = ("block", "tokens", "act_embed")  # MLP inputs / targets [n, T, d]

@@ -61,6 +61,14 @@ def test_rules_resolve_each_mesh_axis_once_and_only_where_it_divides():
         sharding.logical_to_spec(("embed",), mesh, (("embed", "model"),))
 
 
+def test_rules_from_config():
+    assert sharding.rules_from_config(()) is RULES
+    assert sharding.rules_from_config([["embed", "fsdp"], ["tokens", ["data", "fsdp"]], ["mlp", None]]) == (
+        ("embed", "fsdp"), ("tokens", ("data", "fsdp")), ("mlp", None))
+    with pytest.raises(ValueError, match="is not \\(logical name"):
+        sharding.rules_from_config([("embed",)])
+
+
 def test_model_params_follow_the_rules(tiny):
     arch, params = tiny
     mesh = sharding.make_mesh(MESH_2x4)
