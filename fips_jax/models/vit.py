@@ -5,7 +5,8 @@ Covers the HF classes `ViTForImageClassification`, `DeiTForImageClassification` 
 distillation token for DeiT), learned position embeddings, pre-LN blocks with a biased GELU
 MLP, a final LayerNorm and a linear head on the CLS token. With a distillation head the
 logits are the mean of the CLS head and the distillation-token head, as HF computes them
-at inference.
+at inference. `layer_scale=True` adds DINOv2's LayerScale (a learned per-channel gain on each
+residual branch); with `num_labels=0` that is the DINOv2 backbone (`DinoV2Architecture`).
 
 Inputs are images NHWC float32 `[B, H, W, C]` (HF's `pixel_values` are NCHW; transpose with
 `images = pixel_values.transpose(0, 2, 3, 1)`). H and W must equal `config.image_size`:
@@ -16,6 +17,7 @@ Param tree (slash paths):
     cls_token [1, 1, d], dist_token [1, 1, d] (DeiT only), pos_embed [1, T, d]
     blocks_{i}/norm1, blocks_{i}/attn/{query,key,value,out}, blocks_{i}/norm2,
     blocks_{i}/mlp/{fc1 [d, p], fc2 [p, d]}          (each Dense: kernel [in, out], bias)
+    blocks_{i}/ls1 [d], blocks_{i}/ls2 [d]            (LayerScale gains, layer_scale only)
     norm/{scale, bias}, head/{kernel [d, L], bias}, head_dist (DeiT with teacher only)
 
 Every param carries logical axis names ("embed", "mlp", "heads", "classes"; norms use
@@ -143,7 +145,8 @@ class Mlp(nn.Module):
 class ViTConfig:
     """ViT/DeiT hyper-parameters. `dist_token` selects DeiT (a second prefix token);
     `dist_head` adds DeiT's distillation head (logits = mean of both heads).
-    `num_labels = 0` drops the head: logits are then the final-norm CLS features [B, d]."""
+    `num_labels = 0` drops the head: logits are then the final-norm CLS features [B, d].
+    `layer_scale` multiplies each residual branch by a learned gain `[d]` (DINOv2, CaiT)."""
 
     hidden_size: int = 768
     num_layers: int = 12
@@ -158,6 +161,7 @@ class ViTConfig:
     activation: str = "gelu"
     dist_token: bool = False
     dist_head: bool = False
+    layer_scale: bool = False
 
     def __post_init__(self):
         # Accept HF-style ints for square sizes; stored as tuples so configs stay hashable.
@@ -201,20 +205,32 @@ class PatchEmbed(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN block. x: [B, T, d] -> (out [B, T, d], mlp_in [B, T, d] = norm2 of the attention output)."""
+    """Pre-LN block. x: [B, T, d] -> (out [B, T, d], mlp_in [B, T, d] = norm2 of the attention output).
+
+    With `config.layer_scale` each branch is scaled before its residual add:
+    x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x)), with ls1, ls2: [d].
+    """
 
     config: ViTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def _scale(self, name: str, branch: jax.Array) -> jax.Array:
+        if not self.config.layer_scale:
+            return branch
+        init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+        gamma = self.param(name, init, (branch.shape[-1],), self.param_dtype)
+        return branch * gamma.astype(branch.dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(cfg.layer_norm_eps, name="norm1", **prec)(x)
-        x = x + Attention(cfg.num_heads, cfg.qkv_bias, name="attn", **prec)(y)
+        x = x + self._scale("ls1", Attention(cfg.num_heads, cfg.qkv_bias, name="attn", **prec)(y))
         mlp_in = layer_norm(cfg.layer_norm_eps, name="norm2", **prec)(x)
-        return x + Mlp(cfg.intermediate_size, cfg.activation, name="mlp", **prec)(mlp_in), mlp_in
+        mlp_out = Mlp(cfg.intermediate_size, cfg.activation, name="mlp", **prec)(mlp_in)
+        return x + self._scale("ls2", mlp_out), mlp_in
 
 
 class ViT(nn.Module):
@@ -332,3 +348,17 @@ class ViTArchitecture:
 
     def apply(self, params: base.Params, images: jax.Array) -> jax.Array:
         return self.module().apply({"params": params}, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoV2Architecture(ViTArchitecture):
+    """The DINOv2 backbone: a `ViTConfig` with `layer_scale=True` and `num_labels=0`, so `apply`
+    gives the final-norm CLS features `[B, d]`. Only the name differs from `ViTArchitecture`: it
+    tells `registry.to_hf_config` (hence export manifests) to write a `model_type="dinov2"` config."""
+
+    name = "dinov2"
+
+    def __post_init__(self):
+        if not self.config.layer_scale or self.config.num_labels:
+            raise ValueError("DinoV2Architecture needs ViTConfig(layer_scale=True, num_labels=0), got "
+                             f"layer_scale={self.config.layer_scale}, num_labels={self.config.num_labels}")
