@@ -200,6 +200,8 @@ def logical_to_spec(axes: LogicalAxes, mesh: Mesh, rules: Rules, shape: Sequence
     Raises ValueError for a logical name without a rule or a rule naming an axis not in the mesh.
     """
     axes = tuple(axes)
+    if not axes:  # an unannotated param (flax's PartitionSpec()): replicated, whatever its rank
+        return PartitionSpec()
     if shape is not None and len(shape) != len(axes):
         raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
     used: set[str] = set()

@@ -55,6 +55,9 @@ def test_rules_resolve_each_mesh_axis_once_and_only_where_it_divides():
     # First free candidate wins.
     two = (("x", "fsdp"), ("x", "tensor"), ("y", "fsdp"))
     assert sharding.logical_to_spec(("y", "x"), mesh, two) == P("fsdp", "tensor")
+    assert spec(P(), (4, 8)) == P()  # unannotated: replicated
+    with pytest.raises(ValueError, match=r"logical axes \('embed',\) do not match shape \(4, 8\)"):
+        spec(("embed",), (4, 8))
     with pytest.raises(ValueError, match="'nope' has no sharding rule"):
         spec(("nope",), (4,))
     with pytest.raises(ValueError, match=r"mesh axes \['model'\] not in the mesh"):

@@ -21,7 +21,7 @@ def _rel_err(w, f):
     return float(jnp.linalg.norm(w - svd_init.materialize(f.u, f.v)) / jnp.linalg.norm(w))
 
 
-@pytest.mark.parametrize("rank", [8, 20, 47])
+@pytest.mark.parametrize("rank", [8, 47])
 def test_gram_matches_svd_reconstruction_and_projection(rank):
     w = _matrix()
     gram = svd_init.init_group_gram(w, rank, N, F)
