@@ -390,3 +390,94 @@ def tfds_imagenet_batches(
             images, labels = [], []
     if images:
         yield np.stack(images), np.asarray(labels, np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (offline labelled images)
+# ---------------------------------------------------------------------------------------------
+# The Debian package `dataset-fashion-mnist` installs the four gzipped IDX files; they are read
+# with numpy alone (no pickle). `grayscale_to_model_inputs` turns the 28x28 grayscale images into
+# a ViT's normalised RGB input, so a backbone can be linear-probed offline.
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where dataset-fashion-mnist installs it
+FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}  # split -> IDX file prefix
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format; gzipped when the name ends in .gz) as an array in native
+    byte order. Header: two zero bytes, a type code, the rank, then one big-endian uint32 per dim."""
+    import gzip  # pylint: disable=import-outside-toplevel
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (header {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: {len(raw) - offset} data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _fashion_mnist_file(root: str, name: str) -> str:
+    for candidate in (os.path.join(root, name + ".gz"), os.path.join(root, name)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {name}(.gz) not found in {root}; install it with: "
+        "apt-get install dataset-fashion-mnist (or pass path=<folder with the IDX files>)")
+
+
+def fashion_mnist(split: str, n: int | None = None, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (images uint8 `[N, 28, 28]`, labels int32 `[N]`, classes `FASHION_MNIST_CLASSES`).
+
+    split: "train" (60k) or "test" (10k); n: the first n examples (the files come shuffled with
+    roughly balanced classes, so a prefix is a fair sample); path: folder of the four IDX files
+    (default the Debian package's `FASHION_MNIST_DIR`).
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"fashion_mnist split {split!r} not in {tuple(FASHION_MNIST_FILES)}")
+    root, prefix = path or FASHION_MNIST_DIR, FASHION_MNIST_FILES[split]
+    images = read_idx(_fashion_mnist_file(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_fashion_mnist_file(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"Fashion-MNIST {split} in {root}: images {images.shape} and labels {labels.shape} disagree")
+    if n is not None:
+        if n > images.shape[0]:
+            raise ValueError(f"fashion_mnist: n={n} > {images.shape[0]} {split} examples")
+        images, labels = images[:n], labels[:n]
+    return images, labels.astype(np.int32)
+
+
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """`[n_out, n_in]` weights of a 1-D linear resize with half-pixel centres and edge clamping
+    (PIL/torchvision bilinear when enlarging; shrinking is not antialiased)."""
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    m = np.zeros((n_out, n_in), np.float32)
+    np.add.at(m, (np.arange(n_out), lo), 1 - (x - lo))
+    np.add.at(m, (np.arange(n_out), hi), x - lo)
+    return m
+
+
+def grayscale_to_model_inputs(images: np.ndarray, size: int | tuple[int, int] = 224) -> np.ndarray:
+    """uint8 grayscale `[N, h, w]` -> normalised ViT inputs `[N, H, W, 3]` float32.
+
+    Bilinear resize to `size`, the gray value copied to all three channels (how RGB-pretrained
+    models see grayscale images), then ImageNet mean/std per channel.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected grayscale images [N, h, w], got {images.shape}")
+    out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
+    rows = linear_resize_matrix(images.shape[1], out_h)
+    cols = linear_resize_matrix(images.shape[2], out_w)
+    gray = rows @ (images.astype(np.float32) / 255.0) @ cols.T  # [N, H, W]
+    return ((gray[..., None] - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
