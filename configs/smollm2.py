@@ -16,12 +16,17 @@ def get_config():
     c.fips.budget = 0.5
     c.fips.sparsity = 0.75
     c.fips.group_size = 6      # 30 blocks -> 5 groups of 6
+    # Two CPU cores afford ~24 steps per group (3 epochs of 8 minibatches of 1024 tokens), not
+    # the paper's 800: a higher learning rate, and GMP's ramp (25% -> 75%) ends at half of the
+    # run so the second half recovers at the final sparsity. On SmolLM2's first group this gave
+    # held-out relative error 0.124 vs 0.134 with the ramp ending at the last step.
     c.local.algorithm = "gmp"
-    c.local.epochs = 5.0
+    c.local.epochs = 3.0
     c.local.batch_tokens = 1024
-    c.local.lr = 1e-4
-    c.local.end_lr = 1e-6
-    c.local.weight_decay = 0.1
-    c.local.update_freq = 10
-    c.checkpoint_every = 20
+    c.local.lr = 1e-3
+    c.local.end_lr = 1e-5
+    c.local.weight_decay = 0.0
+    c.local.update_freq = 3
+    c.local.prune_end = 0.5
+    c.checkpoint_every = 8
     return c

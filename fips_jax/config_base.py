@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.end_lr = 1e-5
     c.local.weight_decay = 0.05
     c.local.update_freq = 50
+    c.local.prune_end = 1.0       # GMP/RigL schedules end at this fraction of the steps
     c.local.drop_fraction = 0.1
     c.local.scope = "global"
     c.local.n = 2

@@ -60,7 +60,7 @@ def local_config(cfg: dict, steps: int) -> local_opt.LocalOptConfig:
         steps=steps, lr=lc["lr"], end_lr=lc["end_lr"], weight_decay=lc["weight_decay"],
         algorithm=lc["algorithm"], sparsity=cfg["fips"]["sparsity"] if lc["algorithm"] != "dense" else 0.0,
         update_freq=lc["update_freq"], drop_fraction=lc["drop_fraction"], scope=lc["scope"],
-        n=lc["n"], m=lc["m"], reference_parity=cfg["fips"]["reference_parity"],
+        n=lc["n"], m=lc["m"], prune_end=lc["prune_end"], reference_parity=cfg["fips"]["reference_parity"],
     )
 
 
@@ -299,9 +299,10 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
                 sub, lb = local_opt.train(sub, loss_fn, (x[b:b + 1], y[b:b + 1]), lcfg,
                                           os.path.join(gdir, f"loop_b{b}"), checkpoint_every=cfg["checkpoint_every"],
                                           log=log, name=f"group {g} block {layout.blocks[b]}", on_step=r.on_step)
-                p1 = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
+                new = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
                 if "bias" in sub:
-                    p1["bias"] = {k: p0["bias"][k].at[b].set(sub["bias"][k][0]) for k in sub["bias"]}
+                    new["bias"] = {k: p1["bias"][k].at[b].set(sub["bias"][k][0]) for k in sub["bias"]}
+                p1 = new
                 losses += lb
         else:
             raise ValueError(f"fips.mode {cfg['fips']['mode']!r} not in ('joint', 'sequential')")

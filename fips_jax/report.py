@@ -48,6 +48,7 @@ def table(metrics: dict) -> str:
 def plot(path: str, metrics: dict) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
+    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     pb = metrics["per_block"]
@@ -61,6 +62,8 @@ def plot(path: str, metrics: dict) -> None:
             ax2.plot(blocks, vals, marker="o", ms=3, label=name)
     ax2.set(xlabel="block", ylabel="relative MSE (held-out)", title="Reconstruction error per block", yscale="log")
     ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

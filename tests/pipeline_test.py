@@ -154,3 +154,14 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sequential_mode_trains_each_mlp_in_turn(tmp_path):
+    cfg = _config("tiny_llama", **{"local.epochs": 2.0, "fips.mode": "sequential", "fips.group_size": 4})
+    logs = []
+    m = pipeline.run(cfg, str(tmp_path), log=logs.append)
+    # One optimisation per block, each with its own optimiser and checkpoints.
+    assert sum("group 0 block" in line and "step 8/8" in line for line in logs) == 4
+    assert all(os.path.isdir(tmp_path / "groups" / "g00" / f"loop_b{b}") for b in range(4))
+    pb = m["per_block"]
+    assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_per_layer_svd"])
