@@ -51,20 +51,24 @@ def load(compressed: str | None = None, sparse: str | None = None) -> tuple[dict
     return export.read_tree(compressed) if compressed else export_sparse.read(sparse)
 
 
+def _pack(v_t: np.ndarray) -> fips_mlp.PackedV:
+    """The tight 2:4 layout when the factor has it, ELLPACK otherwise."""
+    try:
+        return fips_mlp.pack(v_t, nm=(2, 4))
+    except ValueError:
+        return fips_mlp.pack(v_t)
+
+
 def _group_inputs(tree: dict, manifest: dict, mode: str) -> dict:
-    """{group: {"u", "v" (or "packed": one PackedV per block), "bias"?}} for `mlp_logits_fn`."""
+    """{group: {"u", "factors": [block][fc] V_t [r, p] (PackedV in sparse mode), "bias"?}} for
+    `mlp_logits_fn`."""
     out = {}
     for g in manifest["groups"]:
         p = dict(tree["fips"][g["name"]])
-        if mode == "sparse":
-            v = np.asarray(p.pop("v"))
-            packed = []
-            for b in range(v.shape[0]):
-                try:  # the tight N:M layout when the mask has it, ELLPACK otherwise
-                    packed.append(fips_mlp.pack(v[b], nm=(2, 4)))
-                except ValueError:
-                    packed.append(fips_mlp.pack(v[b]))
-            p["packed"] = packed
+        v = np.asarray(p.pop("v"))
+        # One array per FC, split once here: a slice inside the jitted forward is a copy per call.
+        pick = _pack if mode == "sparse" else jnp.asarray
+        p["factors"] = [[pick(v_t) for v_t in v_b] for v_b in v]
         out[g["name"]] = p
     return out
 
@@ -84,9 +88,8 @@ def mlp_logits_fn(arch: base.Architecture, manifest: dict, mode: str, sparse_ker
                 return next_fun(*args, **kwargs)
             name, b = where[path]
             grp = groups[name]
-            v = grp["packed"][b] if mode == "sparse" else grp["v"][b]
             bias = {k: x[b] for k, x in grp["bias"].items()} if "bias" in grp else None
-            return fips_mlp.forward(spec, mode, grp["u"], v, bias, args[0], sparse_kernel)
+            return fips_mlp.forward(spec, mode, grp["u"], grp["factors"][b], bias, args[0], sparse_kernel)
 
         with nn.intercept_methods(interceptor):
             return arch.apply(params, tokens)

@@ -69,8 +69,9 @@ def test_nm_layout_agrees_and_is_packed_tight(name):
     for key, y in out.items():
         np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5, err_msg=key)
     module, variables = fm.from_group(spec, group, 0, "sparse", nm=(2, 4), mask=mask)
-    index = variables[fm.INDEX_COLLECTION]["v_index"]
-    assert module.packed_k == 12 and index.dtype == jnp.uint8 and int(index.max()) < 4
+    assert module.packed_k == (12,) * len(spec.fc_names)
+    for index in variables[fm.INDEX_COLLECTION].values():
+        assert index.dtype == jnp.uint8 and int(index.max()) < 4
     # Packed V holds half of V's entries plus one byte each: 5/8 of the dense float32 V.
     assert fm.held_bytes(variables) == len(spec.fc_names) * (24 * 40 * 4 // 2 + 24 * 40 // 2) + \
         sum(np.size(b[0]) * 4 for b in group.get("bias", {}).values())
@@ -78,15 +79,18 @@ def test_nm_layout_agrees_and_is_packed_tight(name):
 
 def test_pack_is_exact_and_checks_the_nm_axis():
     rng = np.random.default_rng(3)
-    v = rng.standard_normal((3, 8, 10)).astype(np.float32)
+    v = rng.standard_normal((8, 10)).astype(np.float32)
     v[rng.random(v.shape) < 0.7] = 0
-    v[1, :, 4] = 0  # an empty column
-    v[2, :, 5] = 1.0  # a full column sets K = r
+    v[:, 4] = 0  # an empty column
+    v[:, 5] = 1.0  # a full column sets K = r
     packed = fm.pack(v)
-    assert packed.values.shape == (3, 8, 10) and packed.index.dtype == jnp.uint16
+    assert packed.values.shape == (8, 10) and packed.index.dtype == jnp.uint16
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda pv: pv.dense())(packed)), v)
+    sparse = np.where(np.arange(8)[:, None] == np.arange(10) % 8, v + 2, 0).astype(np.float32)  # one per column
+    assert fm.pack(sparse).values.shape == (1, 10)
+    np.testing.assert_array_equal(np.asarray(fm.pack(sparse).dense()), sparse)
     # A 2:4 pattern along p (axis -1) is not 2:4 along r: refused, not silently mangled.
-    along_p = np.asarray(sparsity.masks.nm_mask(jnp.asarray(rng.standard_normal((3, 8, 12))), 2, 4, axis=-1))
+    along_p = np.asarray(sparsity.masks.nm_mask(jnp.asarray(rng.standard_normal((8, 12))), 2, 4, axis=-1))
     with pytest.raises(ValueError, match="not 2:4 along r"):
         fm.pack(np.where(along_p, 1.0, 0.0).astype(np.float32), nm=(2, 4))
     with pytest.raises(ValueError, match="outside the mask"):
@@ -125,13 +129,13 @@ def test_trained_2_4_mask_along_r_is_the_sparse_forward_layout():
     forwards = jax.jit(lambda u, v_b, packed: [fm.factored_forward(spec, u, v_b, None, x)] + [
         fm.sparse_forward(spec, u, packed, None, x, kernel) for kernel in fm.SPARSE_KERNELS])
     for b in range(n_blocks):
-        packed = fm.pack(v[b], nm=(2, 4), mask=mask[b])
-        # The packed positions are the updater's mask, entry for entry.
-        rows = np.asarray(packed.rows())
-        rebuilt = np.zeros((f, r, p), bool)
-        np.put_along_axis(rebuilt, rows, True, axis=1)
-        np.testing.assert_array_equal(rebuilt, mask[b])
-        np.testing.assert_array_equal(np.asarray(packed.dense()), v[b])
+        packed = [fm.pack(v[b, t], nm=(2, 4), mask=mask[b, t]) for t in range(f)]
+        for t, pv in enumerate(packed):
+            # The packed positions are the updater's mask, entry for entry.
+            rebuilt = np.zeros((r, p), bool)
+            np.put_along_axis(rebuilt, np.asarray(pv.rows()), True, axis=0)
+            np.testing.assert_array_equal(rebuilt, mask[b, t])
+            np.testing.assert_array_equal(np.asarray(pv.dense()), v[b, t])
         ref, *sparse = forwards(params["u"], params["v"][b], packed)
         for got in sparse:
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -145,14 +149,14 @@ def test_mask_along_p_is_not_the_layout():
     mask = np.asarray(masks["v"])
     np.testing.assert_array_equal(mask.reshape(2, 3, 16, 6, 4).sum(-1), 2)
     with pytest.raises(ValueError, match="along r"):
-        fm.pack(np.asarray(params["v"][0]), nm=(2, 4), mask=mask[0])
+        fm.pack(np.asarray(params["v"][0, 0]), nm=(2, 4), mask=mask[0, 0])
 
 
 def test_module_init_names_logical_axes():
     spec, d, r, p = base.VIT_MLP, 8, 12, 20
     x, u = jnp.ones((2, d)), jnp.ones((d, r))
-    for mode, want_v in (("factored", ("v", (None, "rank", "mlp"))), ("sparse", ("v_values", (None, "packed_rank", "mlp")))):
-        module = fm.FipsMlp(spec, r, p, mode=mode, packed_k=3)
+    for mode, want_v in (("factored", ("v_fc1", ("rank", "mlp"))), ("sparse", ("v_values_fc2", ("packed_rank", "mlp")))):
+        module = fm.FipsMlp(spec, r, p, mode=mode, packed_k=(3, 4))
         variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x, u)
         names = nn.get_partition_spec(variables)["params"]
         assert tuple(names[want_v[0]]) == want_v[1]

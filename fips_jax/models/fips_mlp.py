@@ -6,16 +6,19 @@ V_t: [r, p] sparse. Three forwards of the same function, chosen by `mode`:
   "materialize"  W_t = U V_t, then the dense MLP (`base.mlp_apply`): d*r*p flops per FC up front,
                  the cheap choice for calibration batches of thousands of tokens.
   "factored"     fc1-like `(x @ U) @ V_t`, fc2/down-like `(x @ V_t^T) @ U^T`; W never exists.
-  "sparse"       the factored products with V_t held packed: only nonzeros and their rows.
+  "sparse"       the factored products with every V_t held packed: nonzeros and their rows.
 
-Packed V (`PackedV`), ELLPACK along r, the axis `(x @ U) @ V_t` contracts over: for every FC f and
-column j of V_f [r, p], the rows of its nonzeros in increasing order, padded to K per column
-(K = the block's largest column count; padding has value 0 on a row the column does not use):
+Each FC's factor is its own array (`v_<fc>`), not a slice of one [F, r, p] array: XLA on CPU
+copies a sliced dot operand on every call.
 
-    values [F, K, p] float      index [F, K, p] uint16 row in [0, r)
+Packed V (`PackedV`), ELLPACK along r, the axis `(x @ U) @ V_t` contracts over: for every column
+j of V_t [r, p], the rows of its nonzeros in increasing order, padded to K per column
+(K = the largest column count; padding has value 0 on a row the column does not use):
 
-N:M: when every tile of m consecutive rows of a column keeps at most n entries (the 2:4 masks of
-`sparsity.create_updater("nm", n=2, m=4, axis=-2)` on v [n_blocks, F, r, p]), K = r n / m and
+    values [K, p] float      index [K, p] uint16 row in [0, r)
+
+N:M: when every tile of m consecutive rows of a column keeps at most n entries (e.g. the 2:4 masks
+of `sparsity.create_updater("nm", n=2, m=4, axis=-2)` on v [n_blocks, F, r, p]), K = r n / m and
 entry k of a column lies in tile k // n, so the index shrinks to the position inside the tile
 (uint8 in [0, m)). Tiles run along r because r is the reduction dimension of `(x U) V_t`:
 `y^T = V_t^T (x U)^T` is the shape 2:4 tensor-core kernels take, sparse operand V_t^T [p, r] with
@@ -23,15 +26,15 @@ its N:M tiles along the reduction. (fc2/down-like FCs reduce over p; a hardware 
 would want tiles along p, but the updater has one axis for the whole v leaf.)
 
 A packed V runs with one of two kernels, both plain XLA so they work on CPU under jit:
-  "densify"  rebuild V_f [r, p] inside the jitted function (N:M: compare-and-select, no scatter),
-             then the factored matmuls; between calls only the packed V is held.
-  "gather"   never forms V_f: gathers (fc1-like) or scatter-adds (fc2-like) the K entries of
+  "densify"  rebuild V_t [r, p] inside the jitted function (N:M: compare-and-select; otherwise a
+             scatter), then the factored matmuls; between calls only the packed V is held.
+  "gather"   never forms V_t: gathers (fc1-like) or scatter-adds (fc2-like) the K entries of
              every column, T*K*p work; worth it only for a handful of tokens (decoding).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -49,9 +52,9 @@ INDEX_COLLECTION = "fips_index"  # non-trainable integer variables: packed V's r
 
 @flax.struct.dataclass
 class PackedV:
-    """One block's V factors [F, r, p] as ELLPACK along r (see the module docstring).
+    """One FC's V [r, p] as ELLPACK along r (see the module docstring).
 
-    values: [F, K, p] float; index: [F, K, p] uint16 rows (uint8 tile positions when `nm`).
+    values: [K, p] float; index: [K, p] uint16 rows (uint8 tile positions when `nm`).
     """
 
     values: jax.Array
@@ -60,35 +63,30 @@ class PackedV:
     nm: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
     def rows(self) -> jax.Array:
-        """int32 [F, K, p]: the row of V_f that every stored entry belongs to."""
+        """int32 [K, p]: the row of V that every stored entry belongs to."""
         idx = self.index.astype(jnp.int32)
         if self.nm is None:
             return idx
         n, m = self.nm
-        tile_start = (jnp.arange(idx.shape[1], dtype=jnp.int32) // n) * m
-        return tile_start[None, :, None] + idx
+        return ((jnp.arange(idx.shape[0], dtype=jnp.int32) // n) * m)[:, None] + idx
 
     def dense(self) -> jax.Array:
-        """V [F, r, p], exactly: every stored value lands once, every other entry is +0."""
-        f, k, p = self.values.shape
+        """V [r, p], exactly: every stored value lands once, every other entry is +0."""
+        k, p = self.values.shape
         if self.nm is not None:
-            # Each stored entry of tile t sits at one of m positions: select, do not scatter.
+            # Each stored entry of a tile sits at one of m positions: select, do not scatter.
             n, m = self.nm
-            vals = self.values.reshape(f, k // n, n, 1, p)
-            hit = self.index.reshape(f, k // n, n, 1, p).astype(jnp.int32) == jnp.arange(m)[:, None]
-            return jnp.sum(jnp.where(hit, vals, jnp.zeros((), vals.dtype)), axis=2).reshape(f, self.rank, p)
-        fi = jnp.arange(f)[:, None, None]
-        cols = jnp.arange(p)[None, None, :]
+            vals = self.values.reshape(k // n, n, 1, p)
+            hit = self.index.reshape(k // n, n, 1, p).astype(jnp.int32) == jnp.arange(m)[:, None]
+            return jnp.sum(jnp.where(hit, vals, jnp.zeros((), vals.dtype)), axis=1).reshape(self.rank, p)
+        # The scatter's zeros are computed from the values (|finite| * 0 = +0), so that they are
+        # allocated when the values are ready, not hoisted to the start of a jitted function.
+        zeros = jnp.broadcast_to(jnp.abs(jnp.nan_to_num(self.values[0, 0])) * 0, (self.rank, p))
         # Rows within a column are distinct (padding uses rows the column does not use).
-        return jnp.zeros((f, self.rank, p), self.values.dtype).at[fi, self.rows(), cols].set(
-            self.values, unique_indices=True)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.size * self.values.dtype.itemsize + self.index.size * self.index.dtype.itemsize)
+        return zeros.at[self.rows(), jnp.arange(p)].set(self.values, unique_indices=True)
 
 
-def _kept(v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def _kept(v: np.ndarray, mask: Any) -> np.ndarray:
     if mask is None:
         return v != 0
     mask = np.asarray(mask, bool)
@@ -100,40 +98,40 @@ def _kept(v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def pack(v: Any, *, nm: tuple[int, int] | None = None, mask: Any = None) -> PackedV:
-    """Pack one block's factors. Runs on the host (the packed shape depends on the data).
+    """Pack one FC's factor. Runs on the host (the packed shape depends on the data).
 
-    v: [F, r, p], zero where pruned. mask: [F, r, p] bool (True = kept) or None (the nonzeros
-    of v); pass the updater's mask to keep kept entries that happen to be exactly 0.
+    v: [r, p], zero where pruned. mask: [r, p] bool (True = kept) or None (the nonzeros of v);
+    pass the updater's mask to keep kept entries that happen to be exactly 0.
     nm: (n, m): the N:M layout; a ValueError if some tile of m rows keeps more than n entries.
     """
     v = np.asarray(v)
-    if v.ndim != 3:
-        raise ValueError(f"pack takes one block's v [F, r, p], got shape {v.shape}")
+    if v.ndim != 2:
+        raise ValueError(f"pack takes one FC's v [r, p], got shape {v.shape}")
     kept = _kept(v, mask)
-    f, r, p = v.shape
+    r, p = v.shape
     if nm is not None:
         n, m = nm
         if not 0 < n <= m or r % m:
             raise ValueError(f"{n}:{m} tiles along r need 0 < n <= m and m | r; r = {r}")
-        tiles = kept.reshape(f, r // m, m, p)
-        worst = int(tiles.sum(axis=2).max(initial=0))
+        tiles = kept.reshape(r // m, m, p)
+        worst = int(tiles.sum(axis=1).max(initial=0))
         if worst > n:
             raise ValueError(f"not {n}:{m} along r (axis -2 of v): a tile of {m} rows keeps {worst} entries")
-        # Stable sort of "not kept" puts a tile's kept positions first, in increasing order, then
-        # unused positions as padding (their values are 0).
-        pos = np.argsort(~tiles, axis=2, kind="stable")[:, :, :n, :]
-        vals = np.take_along_axis(v.reshape(f, r // m, m, p), pos, axis=2)
-        return PackedV(jnp.asarray(vals.reshape(f, r // m * n, p)), jnp.asarray(pos.reshape(f, -1, p), jnp.uint8),
-                       rank=r, nm=(n, m))
-    k = max(int(kept.sum(axis=1).max(initial=0)), 1)
-    rows = np.argsort(~kept, axis=1, kind="stable")[:, :k, :]
-    vals = np.take_along_axis(np.where(kept, v, 0), rows, axis=1)
+        # Sorting "kept ? pos : m + pos" puts a tile's kept positions first, in increasing order,
+        # then unused positions as padding (their values are 0); a sort of small ints, not an argsort.
+        pos = np.sort(np.where(tiles, 0, m) + np.arange(m, dtype=np.int32)[:, None], axis=1)[:, :n, :] % m
+        vals = np.take_along_axis(np.where(kept, v, 0).reshape(r // m, m, p), pos, axis=1)
+        return PackedV(jnp.asarray(vals.reshape(-1, p)), jnp.asarray(pos.reshape(-1, p), jnp.uint8), rank=r, nm=(n, m))
+    k = max(int(kept.sum(axis=0).max(initial=0)), 1)
+    rows = np.sort(np.where(kept, 0, r) + np.arange(r, dtype=np.int32)[:, None], axis=0)[:k, :] % r  # as above
+    vals = np.take_along_axis(np.where(kept, v, 0), rows, axis=0)
     index_dtype = jnp.uint16 if r <= np.iinfo(np.uint16).max + 1 else jnp.int32
     return PackedV(jnp.asarray(vals), jnp.asarray(rows, index_dtype), rank=r)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure forwards. x: [..., d] -> [..., d]; u: [d, r]; v: [F, r, p]; bias: {fc name: [out]} or None
+# Pure forwards. x: [..., d] -> [..., d]; u: [d, r]; vs: per FC (spec order) a [r, p] array (or a
+# PackedV in sparse mode), e.g. a [F, r, p] array; bias: {fc name: [out]} or None.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -153,63 +151,71 @@ def _mlp(spec: base.MlpSpec, fc: Callable[[int, jax.Array], jax.Array], bias: Ma
     return lin(1, act(lin(0, x)))
 
 
-def materialize_forward(spec: base.MlpSpec, u: jax.Array, v: jax.Array, bias, x: jax.Array) -> jax.Array:
-    """W_t = u @ v[t] for every FC, then the dense MLP."""
-    return base.mlp_apply(spec, local_opt.block_mlp_params(spec, u, v, bias), x)
+def _matmul_t(h: jax.Array, w: jax.Array) -> jax.Array:
+    """h [..., k] @ w.T for w [n, k], as one dot (no transposed copy of w)."""
+    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
 
 
-def factored_forward(spec: base.MlpSpec, u: jax.Array, v: jax.Array, bias, x: jax.Array) -> jax.Array:
+def materialize_forward(spec: base.MlpSpec, u: jax.Array, vs: Sequence[jax.Array], bias, x: jax.Array) -> jax.Array:
+    """W_t = u @ vs[t] for every FC, then the dense MLP."""
+    return base.mlp_apply(spec, local_opt.block_mlp_params(spec, u, vs, bias), x)
+
+
+def factored_forward(spec: base.MlpSpec, u: jax.Array, vs: Sequence[jax.Array], bias, x: jax.Array) -> jax.Array:
     """fc1-like `(h @ u) @ v_t` ([.., d] -> [.., r] -> [.., p]); fc2-like `(h @ v_t^T) @ u^T`."""
     u = u.astype(x.dtype)
 
     def fc(f, h):
-        v_f = v[f].astype(h.dtype)
-        return (h @ v_f.T) @ u.T if spec.transposed[f] else (h @ u) @ v_f
+        v = vs[f].astype(h.dtype)
+        return _matmul_t(_matmul_t(h, v), u) if spec.transposed[f] else (h @ u) @ v
 
     return _mlp(spec, fc, bias, x)
 
 
-def _gather_mul(h: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
-    """h [.., r] @ V [r, p] from one FC's packed entries (values, rows: [K, p]) -> [.., p]."""
-    return jnp.sum(jnp.take(h, rows, axis=-1) * values, axis=-2)
+def _gather_mul(h: jax.Array, v: PackedV) -> jax.Array:
+    """h [.., r] @ V [r, p] from the packed entries -> [.., p]."""
+    return jnp.sum(jnp.take(h, v.rows(), axis=-1) * v.values.astype(h.dtype), axis=-2)
 
 
-def _scatter_mul_t(h: jax.Array, values: jax.Array, rows: jax.Array, rank: int) -> jax.Array:
-    """h [.., p] @ V^T [p, r] from one FC's packed entries -> [.., r]."""
-    contrib = h[..., None, :] * values  # [.., K, p]: entry (k, j) adds h_j V[rows[k, j], j]
-    return jnp.zeros(h.shape[:-1] + (rank,), h.dtype).at[..., rows].add(contrib)
+def _scatter_mul_t(h: jax.Array, v: PackedV) -> jax.Array:
+    """h [.., p] @ V^T [p, r] from the packed entries -> [.., r]."""
+    contrib = h[..., None, :] * v.values.astype(h.dtype)  # [.., K, p]: (k, j) adds h_j V[rows[k, j], j]
+    return jnp.zeros(h.shape[:-1] + (v.rank,), h.dtype).at[..., v.rows()].add(contrib)
 
 
-def sparse_forward(spec: base.MlpSpec, u: jax.Array, v: PackedV, bias, x: jax.Array,
+def sparse_forward(spec: base.MlpSpec, u: jax.Array, vs: Sequence[PackedV], bias, x: jax.Array,
                    kernel: str = "densify") -> jax.Array:
-    """The factored forward with a packed V (`kernel` in SPARSE_KERNELS, see the module docstring)."""
+    """The factored forward with packed factors (`kernel` in SPARSE_KERNELS, see the module docstring)."""
     if kernel == "densify":
-        return factored_forward(spec, u, v.dense(), bias, x)
+        # Densification does not depend on x, so XLA is free to run every block's at the start and
+        # hold all dense V's (and int32 indices) at once; it does on CPU, and optimization_barrier
+        # does not stop it there. Adding an exact zero computed from x ties both to this block:
+        # finite * 0 is +-0, v + -0 = v, and +-0 as an integer is 0.
+        zero = jnp.nan_to_num(x.reshape(-1)[0]) * 0
+        vs = [v.replace(values=v.values + zero.astype(v.values.dtype), index=v.index + zero.astype(v.index.dtype))
+              for v in vs]
+        return factored_forward(spec, u, [v.dense() for v in vs], bias, x)
     if kernel != "gather":
         raise ValueError(f"sparse kernel {kernel!r} not in {SPARSE_KERNELS}")
     u = u.astype(x.dtype)
-    rows = v.rows()
 
     def fc(f, h):
-        vals = v.values[f].astype(h.dtype)
-        if spec.transposed[f]:
-            return _scatter_mul_t(h, vals, rows[f], v.rank) @ u.T
-        return _gather_mul(h @ u, vals, rows[f])
+        return _matmul_t(_scatter_mul_t(h, vs[f]), u) if spec.transposed[f] else _gather_mul(h @ u, vs[f])
 
     return _mlp(spec, fc, bias, x)
 
 
-def forward(spec: base.MlpSpec, mode: str, u: jax.Array, v: jax.Array | PackedV, bias, x: jax.Array,
+def forward(spec: base.MlpSpec, mode: str, u: jax.Array, vs: Sequence[Any], bias, x: jax.Array,
             sparse_kernel: str = "densify") -> jax.Array:
-    """One block's compressed MLP in `mode`; v is [F, r, p] except in "sparse" mode (PackedV)."""
+    """One block's compressed MLP in `mode`; vs holds PackedV's in "sparse" mode, [r, p] arrays otherwise."""
     if mode == "materialize":
-        return materialize_forward(spec, u, v, bias, x)
+        return materialize_forward(spec, u, vs, bias, x)
     if mode == "factored":
-        return factored_forward(spec, u, v, bias, x)
+        return factored_forward(spec, u, vs, bias, x)
     if mode == "sparse":
-        if not isinstance(v, PackedV):
-            raise ValueError("sparse mode takes a PackedV (fips_mlp.pack(v))")
-        return sparse_forward(spec, u, v, bias, x, sparse_kernel)
+        if not all(isinstance(v, PackedV) for v in vs):
+            raise ValueError("sparse mode takes PackedV factors (fips_mlp.pack(v_t))")
+        return sparse_forward(spec, u, vs, bias, x, sparse_kernel)
     raise ValueError(f"FiPS MLP mode {mode!r} not in {MODES}")
 
 
@@ -221,18 +227,18 @@ def forward(spec: base.MlpSpec, mode: str, u: jax.Array, v: jax.Array | PackedV,
 class FipsMlp(nn.Module):
     """One block's compressed MLP; the shared basis u [d, r] is an argument (its group owns it).
 
-    Params: `v` [F, r, p] (None, "rank", "mlp") in materialize/factored mode; in sparse mode
-    `v_values` [F, K, p] (None, "packed_rank", "mlp") plus the integer `v_index` in the
+    Params per FC: `v_<fc>` [r, p] ("rank", "mlp") in materialize/factored mode; in sparse mode
+    `v_values_<fc>` [K, p] ("packed_rank", "mlp") plus the integer `v_index_<fc>` in the
     INDEX_COLLECTION variables. Biases `bias_<fc>` [out] ("mlp" or "embed") when `spec.has_bias`.
     `from_group` builds the module and its variables from a trained group.
     """
 
     spec: base.MlpSpec
     rank: int
-    features: int                      # p, the MLP width
+    features: int                          # p, the MLP width
     mode: str = "factored"
-    packed_k: int = 0                  # sparse: stored entries per column of V_f (K)
-    nm: tuple[int, int] | None = None  # sparse: N:M layout (index = position in tile)
+    packed_k: tuple[int, ...] = ()         # sparse: stored entries per column of each V_t (K)
+    nm: tuple[int, int] | None = None      # sparse: N:M layout (index = position in tile)
     sparse_kernel: str = "densify"
     param_dtype: Any = jnp.float32
 
@@ -241,28 +247,30 @@ class FipsMlp(nn.Module):
         """x: [..., d], u: [d, r] -> [..., d]."""
         if self.mode not in MODES:
             raise ValueError(f"FiPS MLP mode {self.mode!r} not in {MODES}")
-        d, f = x.shape[-1], len(self.spec.fc_names)
+        d, names = x.shape[-1], self.spec.fc_names
         init = nn.initializers.normal(stddev=0.02)
+        vs = []
         if self.mode == "sparse":
-            if self.packed_k < 1:
-                raise ValueError("sparse mode needs packed_k >= 1 (use fips_mlp.from_group)")
-            shape = (f, self.packed_k, self.features)
-            values = self.param("v_values", nn.with_logical_partitioning(init, (None, "packed_rank", "mlp")),
-                                shape, self.param_dtype)
-            index_dtype = jnp.uint8 if self.nm else jnp.uint16
-            index = self.variable(INDEX_COLLECTION, "v_index", jnp.zeros, shape, index_dtype).value
-            v = PackedV(values, index, rank=self.rank, nm=self.nm)
+            if len(self.packed_k) != len(names) or min(self.packed_k) < 1:
+                raise ValueError(f"sparse mode needs packed_k >= 1 for each of {names} (use fips_mlp.from_group)")
+            for name, k in zip(names, self.packed_k):
+                values = self.param(f"v_values_{name}", nn.with_logical_partitioning(init, ("packed_rank", "mlp")),
+                                    (k, self.features), self.param_dtype)
+                index = self.variable(INDEX_COLLECTION, f"v_index_{name}", jnp.zeros, (k, self.features),
+                                      jnp.uint8 if self.nm else jnp.uint16).value
+                vs.append(PackedV(values, index, rank=self.rank, nm=self.nm))
         else:
-            v = self.param("v", nn.with_logical_partitioning(init, (None, "rank", "mlp")),
-                           (f, self.rank, self.features), self.param_dtype)
+            for name in names:
+                vs.append(self.param(f"v_{name}", nn.with_logical_partitioning(init, ("rank", "mlp")),
+                                     (self.rank, self.features), self.param_dtype))
         bias = None
         if self.spec.has_bias:
             bias = {}
-            for name, tr in zip(self.spec.fc_names, self.spec.transposed):
+            for name, tr in zip(names, self.spec.transposed):
                 out, axis = (d, "embed") if tr else (self.features, "mlp")
                 bias[name] = self.param(f"bias_{name}", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,)),
                                         (out,), self.param_dtype)
-        return forward(self.spec, self.mode, u, v, bias, x, self.sparse_kernel)
+        return forward(self.spec, self.mode, u, vs, bias, x, self.sparse_kernel)
 
 
 def from_group(spec: base.MlpSpec, group: Mapping[str, Any], b: int, mode: str = "factored", *,
@@ -273,18 +281,23 @@ def from_group(spec: base.MlpSpec, group: Mapping[str, Any], b: int, mode: str =
 
     mask: the group's [n, F, r, p] sparsity mask for sparse mode (None: the nonzeros of v).
     """
-    v_b = group["v"][b]
+    v_b = np.asarray(group["v"][b]) if mode == "sparse" else group["v"][b]
     _, r, p = v_b.shape
     params: dict = {}
     variables: dict = {"params": params}
     kwargs: dict = {}
     if mode == "sparse":
-        packed = pack(v_b, nm=nm, mask=None if mask is None else np.asarray(mask)[b])
-        params["v_values"] = packed.values
-        variables[INDEX_COLLECTION] = {"v_index": packed.index}
-        kwargs = dict(packed_k=packed.values.shape[1], nm=packed.nm, sparse_kernel=sparse_kernel)
+        index, ks = {}, []
+        for f, name in enumerate(spec.fc_names):
+            packed = pack(v_b[f], nm=nm, mask=None if mask is None else np.asarray(mask)[b, f])
+            params[f"v_values_{name}"] = packed.values
+            index[f"v_index_{name}"] = packed.index
+            ks.append(packed.values.shape[0])
+        variables[INDEX_COLLECTION] = index
+        kwargs = dict(packed_k=tuple(ks), nm=nm, sparse_kernel=sparse_kernel)
     else:
-        params["v"] = jnp.asarray(v_b)
+        for f, name in enumerate(spec.fc_names):
+            params[f"v_{name}"] = jnp.asarray(v_b[f])
     if "bias" in group:
         for name in spec.fc_names:
             params[f"bias_{name}"] = jnp.asarray(group["bias"][name][b])
