@@ -246,25 +246,34 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], budgets: list[float], path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     models = sorted({r["model"] for r in rows})
+    color = {mode: f"C{i}" for i, mode in enumerate(MODES)}  # one colour per mode in every panel
     fig, axes = plt.subplots(len(models), len(budgets), figsize=(4 * len(budgets), 3.3 * len(models)), squeeze=False)
     for i, model in enumerate(models):
+        batches = sorted({r["batch"] for r in rows if r["model"] == model})
         for j, b in enumerate(budgets):
             ax = axes[i][j]
             for mode in MODES:
                 pts = sorted((r["batch"], r["ms"]) for r in rows if r["model"] == model and r["mode"] == mode
                              and (r["budget"] == b or mode == "dense"))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=mode, linestyle="--" if mode == "dense" else "-")
+                    ax.plot(*zip(*pts), marker="o", label=mode, color=color[mode],
+                            linestyle="--" if mode == "dense" else "-")
             ax.set(xscale="log", yscale="log", title=f"{model}, budget {b:.0%}", xlabel="batch", ylabel="ms")
+            ax.set_xticks(batches, [str(x) for x in batches])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.ravel() for h in ax.get_lines()}
+    fig.legend([handles[m] for m in MODES if m in handles], [m for m in MODES if m in handles],
+               loc="lower center", ncol=len(handles), fontsize=8)
+    fig.subplots_adjust(bottom=0.15)
     fig.suptitle(f"MLP-stack latency on {jax.devices()[0].device_kind}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

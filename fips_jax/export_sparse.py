@@ -253,8 +253,9 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32":
 
 def main(argv):
     del argv
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import flags, logging  # pylint: disable=import-outside-toplevel
 
+    logging.set_verbosity(logging.WARNING)  # no Orbax INFO chatter
     report = convert(flags.FLAGS.compressed, flags.FLAGS.out)
     print(f"wrote {flags.FLAGS.out}\n{report.table()}")
 

@@ -221,8 +221,9 @@ def run(compressed: str | None, sparse: str | None, prompt: str, max_new_tokens:
 
 def main(argv):
     del argv
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import flags, logging  # pylint: disable=import-outside-toplevel
 
+    logging.set_verbosity(logging.WARNING)  # no Orbax INFO chatter
     f = flags.FLAGS
     try:
         text, _, stats = run(f.compressed, f.sparse, f.prompt, f.max_new_tokens, tokenizer=f.tokenizer,
