@@ -76,12 +76,14 @@ def test_probe_report_separates_good_bad_and_rotated_features():
     # A ridge probe is rotation invariant, so accuracy matches exactly while the cosine drops.
     assert rep["rotated"]["probe_accuracy"] == 1.0 and rep["rotated"]["accuracy_vs_reference"] == 1.0
     assert rep["rotated"]["cls_cosine"] < 0.9
+    # The dense model's own probe does not survive the rotation; on dense features it is exact.
+    assert rep["dense"]["reference_probe_accuracy"] == 1.0 and rep["rotated"]["reference_probe_accuracy"] < 0.8
     assert rep["noise"]["probe_accuracy"] < 0.5 and abs(rep["noise"]["cls_cosine"]) < 0.2
     # Classes 2 and 3 coincide in those two dimensions: one of them is always wrong.
     assert rep["narrow"]["probe_accuracy"] == pytest.approx(0.75, abs=0.03) and np.isnan(rep["narrow"]["cls_cosine"])
     assert rep["noise"]["n_train"] == 200 and rep["noise"]["n_test"] == 100
     table = features.report_table(rep)
-    assert "| dense | 100.00 | 100.0 | 1.0000 |" in table
+    assert "| dense | 100.00 | 100.0 | 100.00 | 1.0000 |" in table
     with pytest.raises(ValueError, match="reference 'teacher'"):
         features.probe_report(fns, train, test, reference="teacher")
 
@@ -101,3 +103,18 @@ def test_probe_models_on_fashion_mnist_fixture(fashion_dir):
     assert rep["half"]["cls_cosine"] < 1.0
     with pytest.raises(ValueError, match="eval.probe.source 'cifar'"):
         features.probe_models(arch, {"dense": dense}, {**probe_cfg, "source": "cifar"})
+
+
+def test_probe_predict_reproduces_linear_probe():
+    from fips_jax.evaluators import classification  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(5)
+    x_train, y_train = rng.standard_normal((300, 12)) * 3, rng.integers(0, 5, 300)
+    x_test, y_test = rng.standard_normal((200, 12)) * 3, rng.integers(0, 5, 200)
+    x_train[:, 0] += y_train  # weak signal: accuracy well below 1, so a wrong normalisation would show
+    x_test[:, 0] += y_test
+    probe = classification.linear_probe(x_train, y_train, x_test, y_test, l2=1e-2)
+    pred = features.probe_predict(probe, x_train, x_test)
+    assert 0.2 < probe["test_accuracy"] < 0.9
+    assert np.mean(pred == y_test) == probe["test_accuracy"]
+    assert np.mean(features.probe_predict(probe, x_train, x_train) == y_train) == probe["train_accuracy"]

@@ -1,8 +1,11 @@
 """Feature-quality metrics for backbones without a classifier head (e.g. DINOv2).
 
-A compressed backbone is judged two ways against its dense original:
+A compressed backbone is judged three ways against its dense original:
   * linear-probe accuracy: a closed-form ridge probe (`classification.linear_probe`) trained on
     each model's own features of a labelled train set, scored on a test set;
+  * dense-probe accuracy: the dense model's probe applied unchanged to the compressed model's test
+    features, as a downstream head trained on the dense backbone would be. A fresh probe adapts to
+    distorted features; this one does not, so it separates compressions that a fresh probe cannot;
   * feature fidelity: the mean cosine similarity between each model's test features and the
     dense model's, image by image (`cls_cosine`).
 
@@ -64,6 +67,19 @@ def extract(feature_fn: FeatureFn, images: np.ndarray, batch_size: int = 64) -> 
     return np.concatenate(out)
 
 
+def probe_predict(probe: Mapping[str, Any], train_feats: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """Labels `[M]` that a `classification.linear_probe` result predicts for `feats [M, D]`.
+
+    linear_probe normalises features by its training mean and one RMS scale, which it does not
+    return; they are recomputed here from its `train_feats [N, D]` exactly as its docstring says.
+    """
+    x = np.asarray(train_feats, np.float64)
+    mean = x.mean(axis=0)
+    scale = np.sqrt(np.mean((x - mean) ** 2)) or 1.0
+    logits = ((np.asarray(feats, np.float64) - mean) / scale) @ probe["weights"] + probe["bias"]
+    return probe["classes"][np.argmax(logits, axis=1)]
+
+
 def probe_report(
     feature_fns: Mapping[str, FeatureFn],
     train: tuple[np.ndarray, np.ndarray],
@@ -78,8 +94,10 @@ def probe_report(
     train, test: (images `[N, ...]`, labels `[N]` int); reference: the name the others are compared
     with (must be among feature_fns).
     Returns {name: {"probe_accuracy", "probe_train_accuracy", "accuracy_vs_reference" (accuracy /
-    reference accuracy), "cls_cosine" (mean cosine of test features to the reference's; dims must
-    match), "n_train", "n_test"}}, in feature_fns order.
+    reference accuracy), "reference_probe_accuracy" (the reference's probe on this model's test
+    features), "cls_cosine" (mean cosine of test features to the reference's), "n_train",
+    "n_test"}}, in feature_fns order. The last two comparisons need the reference's feature width
+    (NaN otherwise).
     """
     if reference not in feature_fns:
         raise ValueError(f"probe_report: reference {reference!r} not in {sorted(feature_fns)}")
@@ -88,15 +106,18 @@ def probe_report(
              for name, fn in feature_fns.items()}
     probes = {name: classification.linear_probe(f_train, y_train, f_test, y_test, l2=l2)
               for name, (f_train, f_test) in feats.items()}
-    ref_acc, ref_test = probes[reference]["test_accuracy"], feats[reference][1]
+    ref_acc, (ref_train, ref_test) = probes[reference]["test_accuracy"], feats[reference]
     report = {}
     for name, probe in probes.items():
         test_feats = feats[name][1]
+        same_width = test_feats.shape == ref_test.shape
+        transfer = probe_predict(probes[reference], ref_train, test_feats) if same_width else None
         report[name] = {
             "probe_accuracy": probe["test_accuracy"],
             "probe_train_accuracy": probe["train_accuracy"],
             "accuracy_vs_reference": probe["test_accuracy"] / ref_acc if ref_acc else float("nan"),
-            "cls_cosine": cls_cosine(test_feats, ref_test) if test_feats.shape == ref_test.shape else float("nan"),
+            "reference_probe_accuracy": float(np.mean(transfer == y_test)) if same_width else float("nan"),
+            "cls_cosine": cls_cosine(test_feats, ref_test) if same_width else float("nan"),
             "n_train": int(len(y_train)),
             "n_test": int(len(y_test)),
         }
@@ -105,11 +126,11 @@ def probe_report(
 
 def report_table(report: Mapping[str, Mapping[str, float]], reference: str = "dense") -> str:
     """Markdown table of a `probe_report` result, one row per model."""
-    lines = [f"| model | linear-probe top-1 % | of {reference} % | CLS cosine to {reference} |",
-             "|---|---:|---:|---:|"]
+    lines = [f"| model | linear-probe top-1 % | of {reference} % | {reference} probe top-1 % "
+             f"| CLS cosine to {reference} |", "|---|---:|---:|---:|---:|"]
     for name, r in report.items():
         lines.append(f"| {name} | {100 * r['probe_accuracy']:.2f} | {100 * r['accuracy_vs_reference']:.1f} "
-                     f"| {r['cls_cosine']:.4f} |")
+                     f"| {100 * r['reference_probe_accuracy']:.2f} | {r['cls_cosine']:.4f} |")
     return "\n".join(lines)
 
 
