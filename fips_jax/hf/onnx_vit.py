@@ -343,7 +343,8 @@ def config_from_onnx(graph: OnnxGraph, state: Mapping[str, np.ndarray],
         if n.op_type == "LayerNormalization":
             eps = next(a.f for a in n.attribute if a.name == "epsilon")
         elif n.op_type == "Add" and eps is None:
-            eps = next((c for c in map(lambda i: _const_scalar(graph, i), n.input) if c is not None), None)
+            # LayerNorm exported op by op: the first Add is variance + eps, a scalar constant.
+            eps = next((c for c in (_const_scalar(graph, i) for i in n.input) if c is not None), None)
     if eps is None:
         raise ValueError(f"cannot read the LayerNorm epsilon from {layer0}norm1/")
     mlp_ops = {n.op_type for n in graph.in_scope(f"{layer0}mlp/")}
