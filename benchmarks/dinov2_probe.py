@@ -15,7 +15,6 @@ Rerunning with the same workdir reuses finished pipeline stages.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -27,18 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fips_jax import data, export, pipeline  # noqa: E402
+from fips_jax import config_base, data, export, pipeline  # noqa: E402
 from fips_jax.evaluators import features  # noqa: E402
 from fips_jax.models import registry  # noqa: E402
-
-
-def load_config(spec: str) -> dict:
-    """`path.py[:arg]` -> the config's `get_config(arg)` as a plain dict."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("run_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return (module.get_config(arg) if arg else module.get_config()).to_dict()
 
 
 def serve_fashion_mnist_source() -> None:
@@ -63,7 +53,7 @@ def main():
     ap.add_argument("--budgets", default="0.25,0.4,0.5")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    cfg = load_config(args.config)
+    cfg = config_base.load_config(args.config)
     probe_cfg = dict(cfg["eval"]["probe"])
     cfg["eval"]["probe"]["source"] = ""  # the probe runs below, once for every budget's models
     budgets = [float(b) for b in args.budgets.split(",")]

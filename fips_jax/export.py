@@ -60,33 +60,8 @@ def save(directory: str, arch: base.Architecture, dense_params: Any,
 
 def load(directory: str) -> tuple[base.Architecture, dict, dict]:
     """(arch, dense-layout params of the compressed model, manifest)."""
-    mpath = os.path.join(directory, "manifest.json")
-    if not os.path.exists(mpath):
-        raise FileNotFoundError(f"no compressed model at {directory}: {mpath} is missing")
-    manifest = checkpointing.read_json(mpath)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    arch = registry.from_hf_config(manifest["hf_config"])
-    tree = checkpointing.restore_tree(os.path.join(directory, "params"))
-    params = tree["base"]
-    for g in manifest["groups"]:
-        p = tree["fips"][g["name"]]
-        layout = grouping.GroupLayout(tuple(g["blocks"]), tuple(g["fc_names"]), tuple(g["transposed"]),
-                                      tuple(tuple(r) for r in g["fc_paths"]), g["d"], g["p"])
-        for path, k in local_opt.group_kernels(p, layout).items():
-            params = base.set_path(params, path, jnp.asarray(k))
-        if "bias" in p:
-            for f, name in enumerate(layout.fc_names):
-                for b, row in enumerate(layout.fc_paths):
-                    params = base.set_path(params, f"{row[f].rsplit('/', 1)[0]}/bias", jnp.asarray(p["bias"][name][b]))
-    expected = jax.eval_shape(arch.init, jax.random.PRNGKey(0))
-    want = {grouping.path_str(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    have = {grouping.path_str(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
-    problems += [f"extra {k}" for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have)) if tuple(have[k]) != tuple(want[k])]
-    if problems:
-        raise ValueError(f"{directory}: compressed params do not match {arch.name}: " + "; ".join(problems[:20]))
+    tree, manifest = read_tree(directory)
+    arch, params = assemble_tree(tree, manifest, where=directory)
     return arch, params, manifest
 
 
@@ -104,8 +79,8 @@ def read_tree(directory: str) -> tuple[dict, dict]:
 
 def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -> tuple[base.Architecture, dict]:
     """(arch, dense-layout params) from a saved tree and its manifest: every grouped kernel set to
-    U V_t and every grouped bias to the trained one, by the same operations as `load`, so the two
-    give bit-identical params from identical arrays. Ends with `load`'s shape check."""
+    U V_t and every grouped bias to the trained one, then checked against the architecture's
+    shapes (every missing, extra or mis-shaped param is named)."""
     arch = registry.from_hf_config(manifest["hf_config"])
     params = tree["base"]
     for g in manifest["groups"]:

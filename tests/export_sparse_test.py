@@ -1,6 +1,5 @@
 """One-file sparse export: exact index round trips, same logits as `export.load`, and the size."""
 
-import importlib.util
 import json
 import os
 
@@ -9,23 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import export, export_sparse, pipeline
+from fips_jax import config_base, export, export_sparse, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, **overrides):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    for k, v in overrides.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return cfg.to_dict()
+    return config_base.load_config(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
 
 
 @pytest.fixture(scope="module")

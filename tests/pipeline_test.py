@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import export, local_opt, pipeline
+from fips_jax import config_base, export, local_opt, pipeline
 from fips_jax.evaluators import perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,18 +23,7 @@ def _cli(*args, timeout=600):
 
 
 def _config(name, **overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    for k, v in overrides.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return cfg.to_dict()
+    return config_base.load_config(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
 
 
 @pytest.fixture(scope="module")
