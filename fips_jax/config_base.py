@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.fips.group_size = 4
     c.fips.round_to = 0           # round ranks down to a multiple (64 for N:M kernels); 0 = off
     c.fips.tau = 32.0             # hybrid growth divisor for ranks above d
+    c.fips.init = "svd"           # svd | gram (W W^T from column-sharded W: 8-9B groups on many devices)
     c.fips.mode = "joint"         # joint (vmapped group update) | sequential (authors' one MLP at a time)
     c.fips.reference_parity = False  # reproduce the authors' p=4d rank and GMP schedule
 
@@ -60,6 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.scope = "global"
     c.local.n = 2
     c.local.m = 4
+
+    # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
+    # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ()                 # ((logical axis, mesh axis | (mesh axes) | None), ...); () = defaults
+    c.sharding.max_replicated_mib = 1024  # refuse to replicate more of the dense model on every device
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 4

@@ -216,6 +216,7 @@ def train(
     log: Callable[[str], None] = print,
     name: str = "local",
     on_step: Callable[[int, float], None] | None = None,
+    param_shardings: Any = None,
 ) -> tuple[Params, list[float]]:
     """Run `cfg.steps` updates of `loss_fn(params, step, *consts) -> (loss, aux)`, resuming from
     the latest checkpoint in `ckpt_dir` if there is one.
@@ -223,15 +224,27 @@ def train(
     The minibatch is a function of the step number (see `minibatch_indices`), so a resumed run
     computes exactly what an uninterrupted one would. Returns the final params and the loss at
     every step of this process's part of the run (losses before a resume are in the checkpoint).
+
+    param_shardings: NamedShardings of `params` (`sharding.group_shardings`); the optimiser state
+    shadows them and the step keeps both in place. Consts keep the shardings they come with.
     """
-    from fips_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    from fips_jax import checkpointing, sharding  # pylint: disable=import-outside-toplevel
 
     tx, updater = make_optimizer(cfg)
     # Copy: the step donates its buffers, and the caller keeps the initial params.
     params = jax.tree_util.tree_map(jnp.array, params)
+    jit_kw: dict[str, Any] = {}
+    if param_shardings is not None:
+        params = jax.device_put(params, param_shardings)
+        o_sh = sharding.shadow_shardings(jax.eval_shape(tx.init, params), params, param_shardings)
+        scalar = jax.sharding.NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, jax.sharding.PartitionSpec())
+        jit_kw["out_shardings"] = (param_shardings, o_sh, scalar, scalar)
+        init = jax.jit(tx.init, out_shardings=o_sh)
+    else:
+        init = tx.init
     # The initial masks: the schedule's value at step 0 (GMP: 25%). Copied so that no two
     # leaves share a buffer (the step donates each one).
-    opt_state = jax.tree_util.tree_map(jnp.array, tx.init(params))
+    opt_state = jax.tree_util.tree_map(jnp.array, init(params))
     params = updater.post_gradient_update(params, opt_state)
     state = {"params": params, "opt_state": opt_state}
     leaves, treedef = jax.tree_util.tree_flatten(state)
@@ -244,7 +257,7 @@ def train(
         losses = [float(x) for x in saved["losses"]]
         log(f"{name}: resumed at step {start}/{cfg.steps}")
     params, opt_state = state["params"], state["opt_state"]
-    step_fn = jax.jit(make_step(loss_fn, tx, updater), donate_argnums=(0, 1))
+    step_fn = jax.jit(make_step(loss_fn, tx, updater), donate_argnums=(0, 1), **jit_kw)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         params, opt_state, loss, _ = step_fn(params, opt_state, jnp.int32(step), *consts)

