@@ -1,4 +1,4 @@
-"""Mask arithmetic shared by the updaters: leaf selection, top-k by rank, N:M tiles.
+"""Mask arithmetic shared by the updaters: leaf selection, top-k by threshold, N:M tiles.
 
 Masks are pytrees shaped like the params: a bool array (True = kept) for every sparse leaf and
 None for every dense leaf. Functions here work on flat lists aligned with
@@ -11,6 +11,13 @@ None for every dense leaf. Functions here work on flat lists aligned with
 Counts: a sparsity s over n entries keeps `round((1 - s) * n)` entries, rounding half to even
 (Python `round` / `jnp.round`; e.g. s = 0.75, n = 10 keeps round(2.5) = 2). Ties in magnitude
 are broken deterministically: the entry earlier in (leaf order, row-major index) wins.
+
+Top-k never sorts: a V group of an 8B model holds ~1.4e9 entries, more than int32 ranks can
+count, and a global argsort would need several int32 copies of it on one device. Instead
+`topk_masks` bisects a threshold on the 32-bit order key of the float32 scores with count
+reductions, then bisects the flat index of the one leaf where the ties run out. Memory is the
+bool masks; it works leaf by leaf on sharded arrays (no concatenation, gather or scatter).
+Limits: one leaf < 2**31 entries, one top-k (all sparse leaves for the global scope) < 2**32.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import numpy as np
 # FiPS makes only the V factors sparse: a path component `v` or one starting with `v_`.
 DEFAULT_FILTER = r"(^|/)v(/|$|_)"
 SCOPES = ("global", "per_tensor")
+# Order keys (uint32) of float32 scores, see `_order_key`: both zeros map to _KEY_ZERO.
+_KEY_ZERO = 0x80000000
+_ABS_BITS, _INF_BITS = 0x7FFFFFFF, 0x7F800000
 
 PyTree = Any
 
@@ -101,44 +111,184 @@ def magnitude_scores(leaves: Sequence[Any], active: Sequence[Any] | None = None)
 def descending_rank(scores: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
     """Rank of each entry along `axis`, 0 = largest; ties go to the lower index.
 
+    Two sorts: meant for short axes (N:M tiles); `topk_masks` does long top-k without sorting.
     `+ 0.0` maps -0.0 to +0.0 so signed zeros tie instead of sorting apart.
     """
     order = jnp.argsort(-scores + 0.0, axis=axis, stable=True)
-    if scores.ndim == 1:
-        # Inverting the permutation with a scatter is O(n), cheaper than a second sort for the
-        # long global score vector.
-        n = scores.shape[0]
-        return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
     return jnp.argsort(order, axis=axis, stable=True).astype(jnp.int32)
 
 
 def topk_masks(scores: Sequence[Any], keep: Any, scope: str) -> list[Any]:
     """Keep the `keep` highest scores; None leaves stay None.
 
-    scores: per-leaf float arrays (or None); -inf marks entries that must not be kept unless
-        `keep` exceeds the finite ones (callers intersect with their candidate set).
-    keep: `scope="global"`: one int (or int32 scalar) over all sparse leaves together;
+    scores: per-leaf float32 arrays (or None); -inf marks entries that must not be kept unless
+        `keep` exceeds the finite ones (callers intersect with their candidate set). Scores
+        compare by exact value: -0.0 ties with +0.0, NaN ranks below -inf, ties go to the entry
+        earlier in (leaf order, row-major index), and subnormals order by value on every backend
+        (a float sort on XLA:CPU flushes them to zero and ties them with 0).
+    keep: `scope="global"`: one int (or traced integer scalar) over all sparse leaves together;
         `scope="per_tensor"`: a list aligned with `scores` of ints (None for dense leaves).
+        Counts outside [0, n] are clipped to it.
     """
     check_scope(scope)
-    if scope == "per_tensor":
-        return [
-            None if s is None else descending_rank(s.ravel()).reshape(s.shape) < k
-            for s, k in zip(scores, keep)
-        ]
-    sparse = [s for s in scores if s is not None]
-    if not sparse:
-        return [None] * len(scores)
-    ranks = descending_rank(jnp.concatenate([s.ravel() for s in sparse]))
-    kept = ranks < keep
-    out, start = [], 0
-    for s in scores:
-        if s is None:
-            out.append(None)
-        else:
-            out.append(kept[start : start + s.size].reshape(s.shape))
-            start += s.size
+    where = [i for i, s in enumerate(scores) if s is not None]
+    if scope == "global":
+        groups, keeps = ([where], [keep]) if where else ([], [])
+    else:
+        groups, keeps = [[i] for i in where], [keep[i] for i in where]
+    groups_scores = [[_as_float32(scores[i]) for i in g] for g in groups]
+    ks = [_clip_keep(k, _group_size(leaves)) for leaves, k in zip(groups_scores, keeps)]
+    kept = _topk_groups(groups_scores, ks)
+    out: list[Any] = [None] * len(scores)
+    for g, masks in zip(groups, kept):
+        for i, m in zip(g, masks):
+            out[i] = m
     return out
+
+
+def _as_float32(s: jnp.ndarray) -> jnp.ndarray:
+    if s.dtype == jnp.float32:
+        return s
+    if jnp.issubdtype(s.dtype, jnp.floating) and jnp.dtype(s.dtype).itemsize < 4:
+        return s.astype(jnp.float32)  # exact, so the order is unchanged
+    raise TypeError(f"top-k scores must be float32 (or a narrower float), got {s.dtype}")
+
+
+def _order_key(s: jnp.ndarray) -> jnp.ndarray:
+    """uint32 order key of float32 `s`: a larger key ranks first in `topk_masks`.
+
+    Non-negative floats order like their bits, negative ones like their flipped bits; then both
+    zeros share one key and every NaN gets 0, last, as `jnp.argsort` puts them. Integer tests
+    only, so flush-to-zero float compares cannot merge subnormals with zero.
+    """
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    magnitude = bits & jnp.uint32(_ABS_BITS)
+    key = jnp.where(bits >= jnp.uint32(_KEY_ZERO), ~bits, bits | jnp.uint32(_KEY_ZERO))
+    key = jnp.where(magnitude == 0, jnp.uint32(_KEY_ZERO), key)
+    return jnp.where(magnitude > jnp.uint32(_INF_BITS), jnp.uint32(0), key)
+
+
+def _count(pred: jnp.ndarray) -> jnp.ndarray:
+    """uint32 number of True entries; exact because one leaf has < 2**31 entries."""
+    return jnp.sum(pred, dtype=jnp.uint32)
+
+
+def _loop_reads(arrays: Any, varying: Any) -> tuple[Any, Any]:
+    """Ties `arrays` to this iteration's `varying` values.
+
+    Without it XLA hoists loop-invariant work (the order key of every score) out of the loop
+    and keeps it as full-size uint32 copies; through the barrier it is recomputed in each pass,
+    fused into the count.
+    """
+    return jax.lax.optimization_barrier((arrays, varying))
+
+
+def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
+    """`keep` clipped to [0, n] as a uint32 scalar (n < 2**32)."""
+    if isinstance(keep, (int, np.integer)):
+        return jnp.uint32(min(max(int(keep), 0), n))
+    keep = jnp.asarray(keep)
+    if not jnp.issubdtype(keep.dtype, jnp.integer) or keep.ndim:
+        raise TypeError(f"keep must be an integer scalar, got {keep.dtype}{list(keep.shape)}")
+    return jnp.clip(keep, 0, min(n, jnp.iinfo(keep.dtype).max)).astype(jnp.uint32)
+
+
+def _group_size(leaves: list[jnp.ndarray]) -> int:
+    """Entries in one top-k selection, checked against the limits of its uint32 counts."""
+    for s in leaves:
+        if s.size >= 2**31:
+            raise ValueError(f"top-k: a leaf of shape {s.shape} has >= 2**31 entries")
+    n = sum(s.size for s in leaves)
+    if n >= 2**32:
+        raise ValueError(f"top-k: one selection over {n} >= 2**32 entries; use scope='per_tensor'")
+    return n
+
+
+# Jitted here, unlike most library functions: eager callers (`tx.init`, `instant_sparsify`
+# outside jit) would otherwise retrace its loops on every call; inside a caller's jit it inlines.
+@jax.jit
+def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list[list[jnp.ndarray]]:
+    """Per group, bool masks of its `k` highest scores, the group's leaves taken in order.
+
+    ks: uint32 counts in [0, group size]. Passes over each score: 32 (threshold bisection)
+    + 1 (masks), plus up to ceil(log2(leaf size)) over the one leaf per group in which the
+    entries tied at the threshold run out.
+    """
+
+    # Largest key t per group with count(key >= t) >= k, one bit per pass from the top (for
+    # k = 0 it ends at 2**32 - 1, above every key). Per leaf it also keeps count(key >= t), the
+    # counts of the last accepted candidate (t itself), and count(key > t), those of the last
+    # rejected one (t + 1: that bit of t stays 0 and every lower bit is accepted after it).
+    def refine(i, state):
+        bit = jnp.uint32(1) << (31 - i).astype(jnp.uint32)
+        cands = [t | bit for t, _, _ in state]
+        leaves_now, cands_now = _loop_reads(groups, cands)
+        out = []
+        for leaves, c, k, (t, at_least, above) in zip(leaves_now, cands_now, ks, state):
+            counts = [_count(_order_key(s) >= c) for s in leaves]
+            ok = sum(counts) >= k
+            out.append((
+                jnp.where(ok, c, t),
+                [jnp.where(ok, n, old) for n, old in zip(counts, at_least)],
+                [jnp.where(ok, old, n) for n, old in zip(counts, above)],
+            ))
+        return out
+
+    start = [
+        (jnp.uint32(0), [jnp.uint32(s.size) for s in leaves], [jnp.uint32(0) for _ in leaves])
+        for leaves in groups
+    ]
+    masks = []
+    for leaves, k, (t, at_least, above) in zip(groups, ks, jax.lax.fori_loop(0, 32, refine, start)):
+        # Ties to keep: k - count(key > t) <= count(key == t), handed out in leaf order.
+        left = k - sum(above)
+        group_masks = []
+        for s, n_at_least, n_above in zip(leaves, at_least, above):
+            n_ties = n_at_least - n_above
+            take = jnp.minimum(left, n_ties)
+            left = left - take
+            cut = _tie_cut(s, t, take.astype(jnp.int32), n_ties.astype(jnp.int32))
+            key = _order_key(s)
+            group_masks.append((key > t) | ((key == t) & _index_below(s.shape, cut)))
+        masks.append(group_masks)
+    return masks
+
+
+def _tie_cut(s: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
+    """int32 p such that the entries of `s` with key t and flat index < p are the first `take`.
+
+    Bisects the flat index only where 0 < take < ties; elsewhere the loop runs no pass.
+    """
+    nbits = max(s.size - 1, 0).bit_length()
+
+    def refine(state):
+        b, q = state  # q: the largest index with fewer than `take` ties before it, so far
+        b = b - 1
+        cand = q | (1 << b)
+        s_now, cand_now = _loop_reads(s, cand)
+        before = _count((_order_key(s_now) == t) & _index_below(s.shape, cand_now))
+        return b, jnp.where(before.astype(jnp.int32) < take, cand, q)
+
+    partial = (take > 0) & (take < ties)
+    start = (jnp.where(partial, nbits, 0), jnp.int32(0))
+    _, q = jax.lax.while_loop(lambda state: state[0] > 0, refine, start)
+    return jnp.where(take == 0, 0, jnp.where(partial, q + 1, s.size))
+
+
+def _index_below(shape: tuple[int, ...], p: jnp.ndarray) -> jnp.ndarray:
+    """bool[shape]: row-major flat index < p (int32 p >= 0), compared axis by axis on iotas so
+    no int array the size of the leaf is built; p >= size gives all True."""
+    size = int(np.prod(shape))
+    if size == 0:
+        return jnp.zeros(shape, bool)
+    below, same = jnp.bool_(False), jnp.bool_(True)
+    for axis in range(len(shape)):
+        stride = int(np.prod(shape[axis + 1 :]))
+        digit = p // stride if axis == 0 else (p // stride) % shape[axis]
+        i = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+        below = below | (same & (i < digit))
+        same = same & (i == digit)
+    return below if shape else p > 0
 
 
 def nm_mask(w: jnp.ndarray, n_keep: Any, m: int, axis: int, active: Any = True) -> jnp.ndarray:

@@ -1,0 +1,153 @@
+"""Sort-free top-k of fips_jax/sparsity/masks.py against a stable-argsort reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from fips_jax.sparsity import masks as mk
+
+# Few distinct values so most entries tie: both zeros, -inf, NaN (last in argsort order) and
+# a subnormal (numpy orders it by value; a float sort on XLA:CPU flushes it to zero).
+VALUES = np.float32([0.0, -0.0, 0.5, 1.0, 2.0, -np.inf, np.nan, 1e-45, -1.0])
+SHAPES = [(3, 5), None, (7,), (2, 3, 4), None, (), (1, 9)]
+
+
+def _reference(scores, keep, scope):
+    """Top-k by a stable argsort over the concatenation, as masks.py did before (which, on
+    XLA:CPU, differed only in tying subnormals with zero)."""
+
+    def top(flat, k):
+        # -s + 0.0 makes -0.0 tie with +0.0; numpy sorts NaN last, as jnp.argsort does.
+        order = np.argsort(-flat + np.float32(0.0), kind="stable")
+        kept = np.zeros(flat.size, bool)
+        kept[order[: max(0, min(k, flat.size))]] = True
+        return kept
+
+    if scope == "per_tensor":
+        return [
+            None if s is None else top(s.ravel(), k).reshape(s.shape) for s, k in zip(scores, keep)
+        ]
+    sparse = [s for s in scores if s is not None]
+    kept = top(np.concatenate([s.ravel() for s in sparse]), keep)
+    out, start = [], 0
+    for s in scores:
+        out.append(None if s is None else kept[start : start + s.size].reshape(s.shape))
+        start += 0 if s is None else s.size
+    return out
+
+
+def _scores(seed):
+    rng = np.random.default_rng(seed)
+    return [None if shape is None else rng.choice(VALUES, size=shape) for shape in SHAPES]
+
+
+def _check(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def _keeps(scores):
+    sizes = [s.size for s in scores if s is not None]
+    flat = np.concatenate([s.ravel() for s in scores if s is not None])
+    n, n_finite = sum(sizes), int(np.isfinite(flat).sum())
+    return sorted({0, 1, n // 3, n // 2, n_finite, n_finite + 1, n - 1, n, n + 5, -3})
+
+
+# One compile each for every seed and keep below: keep is traced.
+_global = jax.jit(lambda s, k: mk.topk_masks(s, k, "global"))
+_per_tensor = jax.jit(lambda s, k: mk.topk_masks(s, k, "per_tensor"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_global_topk_matches_stable_argsort(seed):
+    scores = _scores(seed)
+    for keep in _keeps(scores):
+        _check(_global(scores, jnp.int32(keep)), _reference(scores, keep, "global"))
+
+
+def test_eager_with_python_int_keep():
+    scores = _scores(5)
+    sparse = [None if s is None else jnp.asarray(s) for s in scores]
+    keeps = _keeps(scores)
+    for keep in [keeps[0], keeps[len(keeps) // 2], keeps[-1]]:
+        _check(mk.topk_masks(sparse, keep, "global"), _reference(scores, keep, "global"))
+    per_leaf = [None if s is None else s.size // 2 for s in scores]
+    want = _reference(scores, per_leaf, "per_tensor")
+    _check(mk.topk_masks(sparse, per_leaf, "per_tensor"), want)
+
+
+def test_per_tensor_topk_matches_stable_argsort():
+    for seed in range(3):
+        scores = _scores(seed)
+        rng = np.random.default_rng(seed)
+        keeps = [None if s is None else int(rng.integers(-1, s.size + 2)) for s in scores]
+        keeps[0], keeps[2] = 0, scores[2].size  # none and all
+        traced = [None if k is None else jnp.int32(k) for k in keeps]
+        _check(_per_tensor(scores, traced), _reference(scores, keeps, "per_tensor"))
+
+
+def test_ties_resolve_inside_a_large_leaf():
+    # Tied entries run out deep inside a leaf with a non-power-of-two size, so the flat-index
+    # bisection has to land on an exact position; positive-only scores, like |w|.
+    rng = np.random.default_rng(3)
+    ties = rng.choice(np.float32([0.0, 0.25, 0.5]), size=(37, 53))
+    scores = [ties, rng.random((11, 2), np.float32)]
+    for keep in [1, 400, 777, 1024, 1500, 1960, 1961, 1983]:
+        _check(_global(scores, jnp.int32(keep)), _reference(scores, keep, "global"))
+
+
+def test_signed_zero_infinities_and_nan_order():
+    s = jnp.array([-0.0, np.nan, -np.inf, 0.0, np.inf, -1.0, -np.nan, 1e-45, -1e-45], jnp.float32)
+    # Keep 3: +inf, the positive subnormal, then the first zero: -0.0 ties with +0.0.
+    _check(mk.topk_masks([s], 3, "global"), [np.array([1, 0, 0, 0, 1, 0, 0, 1, 0], bool)])
+    # Keep 7: every non-NaN entry; both NaNs come last, the first of them at 8.
+    _check(mk.topk_masks([s], 7, "global"), [~np.isnan(np.asarray(s))])
+    _check(mk.topk_masks([s], 8, "global"), [np.array([1, 1, 1, 1, 1, 1, 0, 1, 1], bool)])
+
+
+def _primitives(jaxpr):
+    """Primitive names in `jaxpr` and every jaxpr nested in its equations (loops, jits)."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _primitives(sub)
+
+
+def test_global_topk_neither_sorts_nor_concatenates():
+    scores = [jnp.ones((4, 8)), None, jnp.ones((16,))]
+    jaxpr = jax.make_jaxpr(lambda s, k: mk.topk_masks(s, k, "global"))(scores, jnp.int32(9))
+    used = set(_primitives(jaxpr.jaxpr))
+    assert not used & {"sort", "concatenate", "gather", "scatter"}, used
+    # The check itself can see a sort (nm_mask still ranks its short tiles by sorting).
+    assert "sort" in set(_primitives(jax.make_jaxpr(mk.descending_rank)(jnp.ones((4, 8))).jaxpr))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_scores_give_the_same_masks(axis_type):
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+    rng = np.random.default_rng(4)
+    scores = [rng.choice(VALUES[:6], size=(8, 24)), rng.choice(VALUES[:6], size=(16, 8))]
+    specs = [P("x", None), P(None, "x")]
+    sharded = [jax.device_put(s, NamedSharding(mesh, p)) for s, p in zip(scores, specs)]
+    got = _global(sharded, jnp.int32(150))
+    _check(got, _reference(scores, 150, "global"))
+
+
+def test_limits_raise_before_any_work():
+    # Shapes only (eval_shape traces without allocating).
+    topk = lambda *s: mk.topk_masks(list(s), 5, "global")  # noqa: E731
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        jax.eval_shape(topk, jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32))
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        jax.eval_shape(topk, *[jax.ShapeDtypeStruct((2**30,), jnp.float32)] * 4)
+    with pytest.raises(TypeError, match="integer"):
+        mk.topk_masks([jnp.ones(3)], jnp.float32(1.0), "global")
