@@ -31,21 +31,6 @@ from fips_jax.evaluators import features  # noqa: E402
 from fips_jax.models import registry  # noqa: E402
 
 
-def serve_fashion_mnist_source() -> None:
-    """Let `pipeline._images` read `source="fashion_mnist"` even before the pipeline is wired for
-    it; every other source goes to the pipeline's own loader. Labels are withheld: the backbone
-    outputs features, so the pipeline's top-k on them would mean nothing (the probe here does)."""
-    original = pipeline._images  # pylint: disable=protected-access
-
-    def images(src, arch, seed):
-        if src["source"] != "fashion_mnist":
-            return original(src, arch, seed)
-        raw, _ = data.fashion_mnist(src["split"], n=src["n_images"], path=src["path"] or None)
-        return data.grayscale_to_model_inputs(raw, arch.config.image_size), None
-
-    pipeline._images = images  # pylint: disable=protected-access
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -57,7 +42,6 @@ def main():
     probe_cfg = dict(cfg["eval"]["probe"])
     cfg["eval"]["probe"]["source"] = ""  # the probe runs below, once for every budget's models
     budgets = [float(b) for b in args.budgets.split(",")]
-    serve_fashion_mnist_source()
     timings, runs = {}, {}
 
     arch, dense, _ = registry.load_model(cfg["model"], seed=cfg["seed"])

@@ -24,8 +24,6 @@ Input size: the ONNX's native 224x224 (16x16 patches, 257 tokens) by default. ":
 rule) and small counts so that a run fits a few CPU cores.
 """
 
-import ml_collections
-
 from fips_jax.config_base import base_config
 
 
@@ -52,6 +50,5 @@ def get_config(arg: str = ""):
     c.local.update_freq = 8 if cpu else 20      # GMP mask updates: 8 (cpu) / 16 over the ramp
     c.checkpoint_every = 50 if cpu else 100
     c.eval.batch_size = 16 if cpu else 128
-    c.eval.probe = ml_collections.ConfigDict(dict(
-        source="fashion_mnist", path="", n_train=2000, n_test=1000, l2=1e-3))
+    c.eval.probe.update(source="fashion_mnist", path="", n_train=2000, n_test=1000, l2=1e-3)
     return c

@@ -98,12 +98,23 @@ def save_tree(directory: str, tree: Any) -> None:
     ckptr.wait_until_finished()
 
 
-def restore_tree(directory: str, like: Any | None = None) -> Any:
+def restore_tree(directory: str, like: Any | None = None, sharding: Any = None) -> Any:
+    """Restore a `save_tree` tree. like: a tree of arrays or ShapeDtypeStructs (with shardings)
+    to restore into; None: the saved shapes and dtypes, every array on `sharding` (default the
+    first local device). The mesh a tree was saved from never matters, so a model exported from
+    a multi-device run reloads on a laptop."""
     ckptr = ocp.StandardCheckpointer()
+    path = os.path.abspath(directory)
     if like is None:
-        return ckptr.restore(os.path.abspath(directory))
+        meta = ckptr.metadata(path)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        if tree is None:
+            tree = getattr(meta, "item_metadata", meta)
+        sh = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh), tree)
+        return ckptr.restore(path, abstract)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-    return ckptr.restore(os.path.abspath(directory), abstract)
+    return ckptr.restore(path, abstract)
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:

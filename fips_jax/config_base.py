@@ -22,9 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.tokenizer = "model"  # model (the checkpoint's own) | bytes (UTF-8 bytes; random tiny models)
     c.model.hf_config = ml_collections.ConfigDict()  # source=random: an HF config.json as a dict
+    c.model.image_size = 0    # onnx ViTs: input size (position table resized); 0 = the file's own
 
     c.data = ml_collections.ConfigDict()
-    # Text (LLMs): source wiki_offline | local_text | hf.  Images (ViTs): random | imagenet_folder.
+    # Text (LLMs): source wiki_offline | local_text | hf.
+    # Images (ViTs): random | imagenet_folder | fashion_mnist (Debian dataset-fashion-mnist; unlabelled here).
     c.data.calib = ml_collections.ConfigDict(dict(
         source="wiki_offline", split="calib", path="", dataset="", dataset_config="", n_documents=0,
         window=2048, n_windows=8,                      # LLM: N windows of `window` tokens
@@ -69,8 +71,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.rules = ()                 # ((logical axis, mesh axis | (mesh axes) | None), ...); () = defaults
     c.sharding.max_replicated_mib = 1024  # refuse to replicate more of the dense model on every device
 
+    # Optional global error minimisation (SPEC §4): after local optimisation, every group's U, V
+    # and biases trained through the whole model against the dense one; V stays at its number of
+    # nonzeros (RigL swaps, never adds). The exported model is then the fine-tuned one.
+    c.finetune = ml_collections.ConfigDict(dict(
+        enabled=False,
+        epochs=1.0,               # passes over the calibration windows / images
+        batch=8,                  # windows (LLM) or images (ViT) per step
+        lr=1e-4, end_lr=0.0, weight_decay=0.05,  # AdamW, cosine decay
+        drop_fraction=0.1,        # RigL (0.05 for transfer)
+        update_freq=50,
+        algorithm="rigl",         # rigl | static (keeps the mask; required after local.algorithm=nm)
+        loss="kd",                # kd (match the dense model) | mse | ce (next token / labels)
+        temperature=1.0))
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 4
+    # Backbones without a head (DINOv2): linear probe on labelled images and the cosine of every
+    # model's features to the dense model's. source "" = off | fashion_mnist.
+    c.eval.probe = ml_collections.ConfigDict(dict(source="", path="", n_train=2000, n_test=1000, l2=1e-3))
     return c
 
 

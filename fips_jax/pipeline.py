@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import (budget, calibration, checkpointing, data, export, grouping, local_opt, report,
-                      sharding, svd_init)
-from fips_jax.evaluators import classification, perplexity
+from fips_jax import (budget, calibration, checkpointing, data, export, export_sparse, finetune, grouping, local_opt,
+                      report, sharding, svd_init)
+from fips_jax.evaluators import classification, features, perplexity
 from fips_jax.models import base, registry
 
 # Config keys that change no saved stage: changing them on resume is allowed.
@@ -65,6 +65,9 @@ def local_config(cfg: dict, steps: int) -> local_opt.LocalOptConfig:
         algorithm=lc["algorithm"], sparsity=cfg["fips"]["sparsity"] if lc["algorithm"] != "dense" else 0.0,
         update_freq=lc["update_freq"], drop_fraction=lc["drop_fraction"], scope=lc["scope"],
         n=lc["n"], m=lc["m"], prune_end=lc["prune_end"], reference_parity=cfg["fips"]["reference_parity"],
+        # N:M tiles run along r, the axis the factored kernel `(x U) V_t` contracts over
+        # (models/fips_mlp.py packs V along it), so the trained masks are the deployed ones.
+        nm_axis=-2,
     )
 
 
@@ -80,6 +83,11 @@ def plan_groups(cfg: dict, arch: base.Architecture, params: Any) -> list[tuple[g
         r = budget.rank_for_budget(layout.d, layout.p, layout.n_blocks, layout.n_fcs, fc["budget"], sparsity,
                                    round_to=fc["round_to"] or None, reference_parity=fc["reference_parity"],
                                    group=f"group {g} (blocks {blocks[0]}-{blocks[-1]})")
+        m = cfg["local"]["m"]
+        if cfg["local"]["algorithm"] == "nm" and r % m:
+            raise ValueError(
+                f"group {g} (blocks {blocks[0]}-{blocks[-1]}): rank {r} is not a multiple of local.m={m}, and N:M "
+                f"tiles run along the rank; set fips.round_to to a multiple of {m} (64 for sparse kernels)")
         out.append((layout, r))
     return out
 
@@ -128,8 +136,21 @@ def group_init(arch: base.Architecture, layout: grouping.GroupLayout, rank: int,
     return local_opt.init_group_params(factors, params, layout, arch.mlp_spec)
 
 
+def check_config(cfg: dict) -> None:
+    """Combinations of keys that cannot work, refused before any compute."""
+    ft = cfg["finetune"]
+    if ft["enabled"] and cfg["local"]["algorithm"] == "nm" and ft["algorithm"] != "static":
+        raise ValueError(f"finetune.algorithm={ft['algorithm']!r} would break the N:M pattern of "
+                         "local.algorithm='nm' (RigL swaps entries anywhere); set finetune.algorithm=static")
+    if ft["enabled"] and ft["algorithm"] not in finetune.ALGORITHMS:
+        raise ValueError(f"finetune.algorithm {ft['algorithm']!r} not in {finetune.ALGORITHMS}")
+    if ft["enabled"] and ft["loss"] not in finetune.LOSSES:
+        raise ValueError(f"finetune.loss {ft['loss']!r} not in {finetune.LOSSES}")
+
+
 def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=None) -> dict:
     """The whole pipeline; returns the metrics also written to `workdir/metrics.json`."""
+    check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS)
     r = Run(cfg, workdir, log, on_step)
@@ -220,6 +241,54 @@ def sparsity_per_block(plan, group_params: list[dict]) -> dict[int, float]:
 
 def _steps(n_items: int, batch: int, epochs: float) -> int:
     return max(int(round(epochs * -(-n_items // batch))), 1)
+
+
+def global_finetune(r: Run, arch: base.Architecture, params: Any, layouts: dict, group_params: dict,
+                    inputs: np.ndarray, labels: np.ndarray | None) -> dict | None:
+    """The optional global error minimisation (SPEC §4, `finetune.enabled`): every group's U, V and
+    biases trained together through the whole model, V kept at its number of nonzeros by RigL.
+    Returns {group name: params}, or None when disabled. Resumes like the local loop."""
+    cfg = r.cfg
+    ft = finetune.from_config(cfg["finetune"], int(inputs.shape[0]))
+    if ft is None:
+        return None
+    path = r.path("finetune", "final.npz")
+    if os.path.exists(path):
+        r.log(f"[finetune] done earlier, reusing {path}")
+        return load_group(path)
+    spec = arch.mlp_spec
+    p_sh = {n: sharding.group_shardings(p, r.mesh, r.rules, spec.fc_names, spec.transposed)
+            for n, p in group_params.items()}
+    r.log(f"[finetune] {ft.steps} steps, batch {ft.batch}, loss {ft.loss}, {ft.algorithm}")
+    t0 = time.perf_counter()
+    tuned, losses = finetune.finetune(
+        arch, params, layouts, group_params, jnp.asarray(inputs), ft, r.path("finetune", "loop"),
+        labels=None if labels is None else jnp.asarray(labels), seed=cfg["seed"],
+        checkpoint_every=cfg["checkpoint_every"], log=r.log, on_step=r.on_step, param_shardings=p_sh)
+    r.timings["finetune"] = time.perf_counter() - t0
+    save_group(path, tuned)
+    if sharding.is_writer():
+        checkpointing.write_json(r.path("finetune", "stats.json"), {
+            "steps": ft.steps, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "seconds": r.timings["finetune"]})
+    return tuned
+
+
+def export_compressed(r: Run, arch: base.Architecture, params: Any, plan, group_params: list, manifest: dict) -> dict:
+    """Both exports of the compressed model: the Orbax tree with its manifest (`compressed/`) and
+    the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices).
+    Returns paths and the on-disk sizes next to the dense MLP's."""
+    lc = r.cfg["local"]
+    manifest = {**manifest, "sparsity": {
+        "algorithm": lc["algorithm"], "target": r.cfg["fips"]["sparsity"],
+        "nm": [lc["n"], lc["m"]] if lc["algorithm"] == "nm" else None, "nm_axis": "rank (axis -2 of v)"}}
+    export.save(r.path("compressed"), arch, params, plan, group_params, manifest=manifest)
+    out = {"orbax": r.path("compressed"), "safetensors": r.path("compressed.safetensors")}
+    if sharding.is_writer():
+        sizes = export_sparse.convert(out["orbax"], out["safetensors"])
+        out["sizes"] = sizes.as_dict()
+        r.log("sparse safetensors export:\n" + sizes.table())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +441,8 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         final_params.append(p1)
         group_stats.append(stats)
 
+    layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
+    tuned = global_finetune(r, arch, params, layouts, dict(zip(layouts, final_params)), calib, None)
     fips_init_model = local_opt.assemble(params, list(zip([l for l, _ in plan], init_params)))
     fips_model = local_opt.assemble(params, list(zip([l for l, _ in plan], final_params)))
     apply = jax.jit(arch.apply)
@@ -386,13 +457,17 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         "fips_init": r.stage("eval_fips_init", lambda: ppl(fips_init_model)),
         "fips_final": r.stage("eval_fips_final", lambda: ppl(fips_model)),
     }
+    if tuned is not None:
+        final_params = [tuned[n] for n in layouts]
+        evals["fips_finetuned"] = r.stage("eval_fips_finetuned", lambda: ppl(
+            local_opt.assemble(params, [(layouts[n], tuned[n]) for n in layouts])))
     fips_b = fips_budget(plan, final_params, params)
     base_b = budget.budget_report(baseline_kept, params, fips_b.dense_mlp)
-    export.save(r.path("compressed"), arch, params, plan, final_params,
-                manifest={"budget": fips_b.as_dict(), "evals": evals})
+    exported = export_compressed(r, arch, params, plan, final_params,
+                                 {"budget": fips_b.as_dict(), "evals": evals, "finetuned": tuned is not None})
     return {
         "task": "causal_lm", "metric": "perplexity", "protocol": eval_src["protocol"],
-        "evals": evals,
+        "evals": evals, "export": exported,
         "budget": {"fips": fips_b.as_dict(), "per_layer_svd": base_b.as_dict()},
         "per_block": _per_block(plan, final_params, group_stats),
         "groups_stats": group_stats,
@@ -437,12 +512,15 @@ def _images(src: dict, arch: base.Architecture, seed: int) -> tuple[np.ndarray, 
             src["path"], per_class=src["per_class"], n_classes=src["n_classes"] or None, seed=seed, split=src["split"],
             interpolation=src["interpolation"])
         return images, np.asarray(labels)
-    raise ValueError(f"image source {kind!r} not in ('random', 'imagenet_folder')")
+    if kind == "fashion_mnist":  # unlabelled here: the backbones it serves output features
+        raw, _ = data.fashion_mnist(src["split"], n=src["n_images"], path=src["path"] or None)
+        return data.grayscale_to_model_inputs(raw, arch.config.image_size), None
+    raise ValueError(f"image source {kind!r} not in ('random', 'imagenet_folder', 'fashion_mnist')")
 
 
 def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
     cfg, dc, log = r.cfg, r.cfg["data"], r.log
-    calib, _ = _images(dc["calib"], arch, cfg["seed"])
+    calib, calib_labels = _images(dc["calib"], arch, cfg["seed"])
     eval_images, eval_labels = _images(dc["eval"], arch, cfg["seed"] + 1)
     holdout = eval_images[: dc["holdout_images"]]
     log(f"calibration: {calib.shape[0]} images; evaluation: {eval_images.shape[0]} images")
@@ -478,6 +556,7 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
         save_group(final_path, p1)
 
     names = list(layouts)
+    tuned = global_finetune(r, arch, params, layouts, p1, calib, calib_labels)
     baseline_params, baseline_kept = per_layer_svd_params(params, plan, cfg["fips"]["budget"])
     models = {
         "dense": params,
@@ -485,6 +564,8 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
         "fips_init": local_opt.assemble(params, [(layouts[n], p) for n, p in one_shot(p0, cfg).items()]),
         "fips_final": local_opt.assemble(params, [(layouts[n], p1[n]) for n in names]),
     }
+    if tuned is not None:
+        models["fips_finetuned"] = local_opt.assemble(params, [(layouts[n], tuned[n]) for n in names])
     inputs, outputs, ctx = jax.jit(lambda p, x: calibration.teacher_blocks(arch, p, x, all_blocks))(
         params, jnp.asarray(holdout))
     block = {i: jax.jit(lambda p, h, c, i=i: arch.block(p, i, h, c)[0]) for i in all_blocks}
@@ -504,19 +585,25 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
 
     dense_eval, dense_logits = evaluate(params)
     evals = {"dense": dense_eval}
-    for k in ("per_layer_svd", "fips_init", "fips_final"):
+    for k in [k for k in models if k != "dense"]:
         ev, logits = evaluate(models[k])
         ev["agreement_with_dense"] = float(np.mean(logits.argmax(-1) == dense_logits.argmax(-1)))
         ev["logits_rel_error"] = relative_error(jnp.asarray(logits), jnp.asarray(dense_logits))
         evals[k] = ev
-    final_list = [p1[n] for n in names]
+    probe_cfg = cfg["eval"]["probe"]
+    probe = None
+    if probe_cfg["source"]:  # linear probe + CLS cosine of every model's features (backbones)
+        probe = r.stage("eval_probe", lambda: features.probe_models(arch, models, probe_cfg, batch_size=bs))
+        log("linear probe:\n" + features.report_table(probe))
+    final_list = [(tuned or p1)[n] for n in names]
     fips_b = fips_budget(plan, final_list, params)
     base_b = budget.budget_report(baseline_kept, params, fips_b.dense_mlp)
-    export.save(r.path("compressed"), arch, params, plan, final_list, manifest={"budget": fips_b.as_dict(), "evals": evals})
+    exported = export_compressed(r, arch, params, plan, final_list,
+                                 {"budget": fips_b.as_dict(), "evals": evals, "finetuned": tuned is not None})
     sp = sparsity_per_block(plan, final_list)
     return {
         "task": "image_classification", "metric": "top1" if eval_labels is not None else "agreement_with_dense",
-        "evals": evals,
+        "evals": evals, "export": exported, **({"probe": probe} if probe is not None else {}),
         "budget": {"fips": fips_b.as_dict(), "per_layer_svd": base_b.as_dict()},
         "per_block": {"block": all_blocks, "sparsity": [sp[i] for i in all_blocks],
                       **{f"heldout_rel_error_{k}": v for k, v in heldout.items()}},

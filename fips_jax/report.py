@@ -10,7 +10,7 @@ import numpy as np
 from fips_jax import checkpointing
 
 ROWS = (("dense", "dense"), ("per_layer_svd", "per-layer SVD"), ("fips_init", "FiPS after SVD init"),
-        ("fips_final", "FiPS final"))
+        ("fips_final", "FiPS final"), ("fips_finetuned", "FiPS + global fine-tuning"))
 
 
 def _metric_cell(metrics: dict, ev: dict) -> str:
@@ -32,6 +32,8 @@ def table(metrics: dict) -> str:
     budgets = metrics["budget"]
     per_block = metrics["per_block"]
     for key, name in ROWS:
+        if key not in metrics["evals"]:
+            continue
         ev = metrics["evals"][key]
         err = per_block.get(f"heldout_rel_error_{key}")
         err_s = f"{np.mean(err):.4f}" if err else "0"
@@ -69,6 +71,27 @@ def plot(path: str, metrics: dict) -> None:
     plt.close(fig)
 
 
+def _probe_section(metrics: dict) -> str:
+    if "probe" not in metrics:
+        return ""
+    from fips_jax.evaluators import features  # pylint: disable=import-outside-toplevel
+
+    p = next(iter(metrics["probe"].values()))
+    return (f"## Linear probe ({metrics['config']['eval']['probe']['source']}, {p['n_train']} train / "
+            f"{p['n_test']} test images)\n\n{features.report_table(metrics['probe'])}\n\n")
+
+
+def _export_section(metrics: dict) -> str:
+    sizes = metrics.get("export", {}).get("sizes")
+    if not sizes:
+        return ""
+    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    return (f"## Export\n\n- Orbax: `{metrics['export']['orbax']}`\n- sparse safetensors: "
+            f"`{metrics['export']['safetensors']}`, {mib(sizes['file_bytes'])} on disk; its MLP part (U, V's "
+            f"nonzeros and indices) {mib(sizes['mlp_bytes'])} = {100 * sizes['mlp_fraction']:.1f}% of the dense "
+            f"MLP weights' {mib(sizes['dense_mlp_bytes'])}\n\n")
+
+
 def write(workdir: str, metrics: dict) -> None:
     plot(os.path.join(workdir, "per_block.png"), metrics)
     groups = "\n".join(f"- blocks {g['blocks']}: rank {g['rank']} (d {g['d']}, p {g['p']})" for g in metrics["groups"])
@@ -77,5 +100,6 @@ def write(workdir: str, metrics: dict) -> None:
             f"Budget {metrics['config']['fips']['budget']:.0%} of MLP weights at "
             f"{metrics['config']['fips']['sparsity']:.0%} sparsity of V "
             f"({metrics['config']['local']['algorithm']}).\n\n## Groups\n{groups}\n\n"
+            f"{_probe_section(metrics)}{_export_section(metrics)}"
             f"## Timings (this process)\n{timings}\n\n![per block](per_block.png)\n")
     checkpointing.atomic_write_bytes(os.path.join(workdir, "report.md"), text.encode())

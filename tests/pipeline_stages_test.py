@@ -1,0 +1,118 @@
+"""Optional pipeline stages on tiny models: 2:4 training whose masks are the deployed ones, global
+fine-tuning (LLM and ViT), the linear probe of a headless ViT, and the sparse safetensors export."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fips_jax import config_base, export, export_sparse, pipeline
+from fips_jax.models import fips_mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = lambda msg: None  # noqa: E731
+
+
+def _config(name, **overrides):
+    return config_base.load_config(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
+
+
+def _final_groups(workdir):
+    return [pipeline.load_group(os.path.join(workdir, "groups", g, "final.npz"))
+            for g in sorted(os.listdir(os.path.join(workdir, "groups")))]
+
+
+def test_nm_2_4_masks_hold_along_the_rank_after_training_and_pack_for_inference(tmp_path):
+    cfg = _config("tiny_llama", **{"local.algorithm": "nm", "fips.sparsity": 0.5, "fips.round_to": 4,
+                                   "local.epochs": 2.0, "fips.group_size": 4})
+    m = pipeline.run(cfg, str(tmp_path), log=QUIET)
+    (v,) = [np.asarray(p["v"]) for p in _final_groups(str(tmp_path))]  # [n, F, r, p]
+    n, f, r, p = v.shape
+    assert r % 4 == 0
+    tiles = (v != 0).reshape(n, f, r // 4, 4, p).sum(axis=3)  # nonzeros per tile of 4 along r
+    assert tiles.max() <= 2
+    assert np.mean(v == 0) == pytest.approx(0.5, abs=0.01)
+    # Along p the pattern is not 2:4: the tiles really were laid along r.
+    assert (v != 0).reshape(n, f, r, p // 4, 4).sum(axis=4).max() > 2
+    for b in range(n):
+        for j in range(f):
+            packed = fips_mlp.pack(v[b, j], nm=(2, 4))
+            np.testing.assert_array_equal(np.asarray(packed.dense()), v[b, j])
+    manifest = json.load(open(tmp_path / "compressed" / "manifest.json"))
+    assert manifest["sparsity"]["nm"] == [2, 4] and manifest["sparsity"]["algorithm"] == "nm"
+    # The sparse safetensors export is written by the run and decodes to the same V.
+    sizes = m["export"]["sizes"]
+    assert os.path.getsize(m["export"]["safetensors"]) == sizes["file_bytes"]
+    tree, _ = export_sparse.read(m["export"]["safetensors"])
+    np.testing.assert_array_equal(np.asarray(tree["fips"]["g00"]["v"]), v)
+
+    # A rank that tiles of 4 cannot divide is refused before any compute, naming the fix.
+    with pytest.raises(ValueError, match="fips.round_to"):
+        pipeline.run({**cfg, "fips": {**cfg["fips"], "round_to": 0, "budget": 0.43}}, str(tmp_path / "bad"), log=QUIET)
+    bad = {**cfg, "finetune": {**cfg["finetune"], "enabled": True}}
+    with pytest.raises(ValueError, match="finetune.algorithm=static"):
+        pipeline.run(bad, str(tmp_path / "bad2"), log=QUIET)
+
+
+def test_llm_global_finetune_keeps_the_budget_and_moves_towards_dense(tmp_path):
+    cfg = _config("tiny_llama", **{"local.epochs": 3.0, "fips.group_size": 4, "finetune.enabled": True,
+                                   "finetune.epochs": 6.0, "finetune.batch": 4, "finetune.lr": 3e-3,
+                                   "finetune.update_freq": 3})
+    logs = []
+    m = pipeline.run(cfg, str(tmp_path), log=logs.append)
+    assert any("[finetune] 12 steps" in line for line in logs), logs
+    ev = m["evals"]
+    gap = lambda key: abs(ev[key]["nll"] - ev["dense"]["nll"])  # noqa: E731
+    assert gap("fips_finetuned") < gap("fips_final"), {k: ev[k]["nll"] for k in ev}
+    local = _final_groups(str(tmp_path))[0]
+    tuned = pipeline.load_group(str(tmp_path / "finetune" / "final.npz"))["g00"]
+    assert np.count_nonzero(tuned["v"]) == np.count_nonzero(local["v"])
+    assert not np.allclose(tuned["u"], local["u"])
+    # The exported model is the fine-tuned one.
+    tree, manifest = export.read_tree(str(tmp_path / "compressed"))
+    np.testing.assert_array_equal(np.asarray(tree["fips"]["g00"]["v"]), np.asarray(tuned["v"]))
+    assert manifest["finetuned"] is True
+    assert "FiPS + global fine-tuning" in open(tmp_path / "report.md").read()
+    # A rerun reuses the stage.
+    logs = []
+    pipeline.run(cfg, str(tmp_path), log=logs.append)
+    assert any("[finetune] done earlier" in line for line in logs)
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """Fashion-MNIST-layout IDX files: 48 train and 24 test images whose classes differ in brightness."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 24)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = np.clip(rng.normal(60 + 70 * labels[:, None, None], 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+            with gzip.open(tmp_path / f"{prefix}-{kind}-ubyte.gz", "wb") as fh:
+                fh.write(header + array.tobytes())
+    return str(tmp_path)
+
+
+def test_headless_vit_probe_and_feature_finetune(fashion_dir, tmp_path):
+    cfg = _config("tiny_vit", **{
+        "model.hf_config.num_labels": 0, "local.epochs": 4.0, "data.holdout_images": 8,
+        "finetune.enabled": True, "finetune.epochs": 4.0, "finetune.batch": 8, "finetune.lr": 3e-3,
+        "finetune.update_freq": 4})
+    cfg["data"]["calib"].update(source="fashion_mnist", split="train", path=fashion_dir, n_images=32)
+    cfg["data"]["eval"].update(source="fashion_mnist", split="test", path=fashion_dir, n_images=16)
+    cfg["eval"]["probe"].update(source="fashion_mnist", path=fashion_dir, n_train=48, n_test=24)
+    wd = str(tmp_path / "wd")
+    m = pipeline.run(cfg, wd, log=QUIET)
+    probe = m["probe"]
+    assert list(probe) == ["dense", "per_layer_svd", "fips_init", "fips_final", "fips_finetuned"]
+    assert probe["dense"]["cls_cosine"] == pytest.approx(1.0) and probe["dense"]["n_test"] == 24
+    for k in ("per_layer_svd", "fips_final", "fips_finetuned"):
+        assert probe[k]["cls_cosine"] < 1.0
+    # Fine-tuning on feature reconstruction brings the features closer to the dense ones.
+    assert probe["fips_finetuned"]["cls_cosine"] > probe["fips_final"]["cls_cosine"] - 1e-3
+    assert m["evals"]["fips_finetuned"]["logits_rel_error"] < m["evals"]["fips_final"]["logits_rel_error"]
+    report = open(os.path.join(wd, "report.md")).read()
+    assert "Linear probe (fashion_mnist, 48 train / 24 test images)" in report
+    assert "sparse safetensors" in report
