@@ -146,7 +146,10 @@ def test_limits_raise_before_any_work():
     # Shapes only (eval_shape traces without allocating).
     topk = lambda *s: mk.topk_masks(list(s), 5, "global")  # noqa: E731
     with pytest.raises(ValueError, match="2\\*\\*31"):
-        jax.eval_shape(topk, jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32))
+        jax.eval_shape(topk, jax.ShapeDtypeStruct((2**31,), jnp.float32))
+    # A Llama-3.1-8B group of 8 blocks: one V leaf of 2.69e9 > 2**31 entries traces fine.
+    out = jax.eval_shape(topk, jax.ShapeDtypeStruct((8, 3, 7819, 14336), jnp.float32))
+    assert out[0].shape == (8, 3, 7819, 14336) and out[0].dtype == jnp.bool_
     with pytest.raises(ValueError, match="2\\*\\*32"):
         jax.eval_shape(topk, *[jax.ShapeDtypeStruct((2**30,), jnp.float32)] * 4)
     with pytest.raises(TypeError, match="integer"):

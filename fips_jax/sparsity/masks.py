@@ -12,12 +12,13 @@ Counts: a sparsity s over n entries keeps `round((1 - s) * n)` entries, rounding
 (Python `round` / `jnp.round`; e.g. s = 0.75, n = 10 keeps round(2.5) = 2). Ties in magnitude
 are broken deterministically: the entry earlier in (leaf order, row-major index) wins.
 
-Top-k never sorts: a V group of an 8B model holds ~1.4e9 entries, more than int32 ranks can
+Top-k never sorts: a V group of an 8B model holds 1.4e9-2.7e9 entries, more than int32 ranks can
 count, and a global argsort would need several int32 copies of it on one device. Instead
 `topk_masks` bisects a threshold on the 32-bit order key of the float32 scores with count
 reductions, then bisects the flat index of the one leaf where the ties run out. Memory is the
 bool masks; it works leaf by leaf on sharded arrays (no concatenation, gather or scatter).
-Limits: one leaf < 2**31 entries, one top-k (all sparse leaves for the global scope) < 2**32.
+Limit: one top-k (all sparse leaves for the global scope) < 2**32 entries (uint32 counts and
+flat indices); each axis of a leaf < 2**31.
 """
 
 from __future__ import annotations
@@ -84,15 +85,17 @@ def num_keep(sparsity: float, n: int) -> int:
 
 
 def num_keep_traced(sparsity: jnp.ndarray, n: int, exact_at: float | None = None) -> jnp.ndarray:
-    """`num_keep` for a traced sparsity, as an int32 scalar.
+    """`num_keep` for a traced sparsity, as a uint32 scalar (n < 2**32: an 8B model's V group
+    of 2.7e9 entries overflows int32).
 
     float32 cannot hold every count above 2**24, so when the traced value equals `exact_at`
     (the updater's final target) the exact Python count is used: budgets stay exact at the end.
     """
-    k = jnp.round((1.0 - sparsity.astype(jnp.float32)) * n).astype(jnp.int32)
+    frac = jnp.clip(1.0 - sparsity.astype(jnp.float32), 0.0, 1.0)
+    k = jnp.minimum(jnp.round(frac * jnp.float32(n)), jnp.float32(n)).astype(jnp.uint32)
     if exact_at is not None:
-        k = jnp.where(sparsity == jnp.float32(exact_at), num_keep(exact_at, n), k)
-    return jnp.clip(k, 0, n)
+        k = jnp.where(sparsity == jnp.float32(exact_at), jnp.uint32(num_keep(exact_at, n)), k)
+    return jnp.minimum(k, jnp.uint32(n))
 
 
 def magnitude_scores(leaves: Sequence[Any], active: Sequence[Any] | None = None) -> list[Any]:
@@ -196,8 +199,8 @@ def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
 def _group_size(leaves: list[jnp.ndarray]) -> int:
     """Entries in one top-k selection, checked against the limits of its uint32 counts."""
     for s in leaves:
-        if s.size >= 2**31:
-            raise ValueError(f"top-k: a leaf of shape {s.shape} has >= 2**31 entries")
+        if any(dim >= 2**31 for dim in s.shape):
+            raise ValueError(f"top-k: a leaf of shape {s.shape} has an axis >= 2**31")
     n = sum(s.size for s in leaves)
     if n >= 2**32:
         raise ValueError(f"top-k: one selection over {n} >= 2**32 entries; use scope='per_tensor'")
@@ -247,7 +250,7 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
             n_ties = n_at_least - n_above
             take = jnp.minimum(left, n_ties)
             left = left - take
-            cut = _tie_cut(s, t, take.astype(jnp.int32), n_ties.astype(jnp.int32))
+            cut = _tie_cut(s, t, take, n_ties)
             key = _order_key(s)
             group_masks.append((key > t) | ((key == t) & _index_below(s.shape, cut)))
         masks.append(group_masks)
@@ -255,7 +258,8 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
 
 
 def _tie_cut(s: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
-    """int32 p such that the entries of `s` with key t and flat index < p are the first `take`.
+    """uint32 p such that the entries of `s` with key t and flat index < p are the first `take`
+    (take, ties: uint32).
 
     Bisects the flat index only where 0 < take < ties; elsewhere the loop runs no pass.
     """
@@ -264,27 +268,29 @@ def _tie_cut(s: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarra
     def refine(state):
         b, q = state  # q: the largest index with fewer than `take` ties before it, so far
         b = b - 1
-        cand = q | (1 << b)
+        cand = q | (jnp.uint32(1) << b.astype(jnp.uint32))
         s_now, cand_now = _loop_reads(s, cand)
         before = _count((_order_key(s_now) == t) & _index_below(s.shape, cand_now))
-        return b, jnp.where(before.astype(jnp.int32) < take, cand, q)
+        return b, jnp.where(before < take, cand, q)
 
     partial = (take > 0) & (take < ties)
-    start = (jnp.where(partial, nbits, 0), jnp.int32(0))
+    start = (jnp.where(partial, nbits, 0).astype(jnp.int32), jnp.uint32(0))
     _, q = jax.lax.while_loop(lambda state: state[0] > 0, refine, start)
-    return jnp.where(take == 0, 0, jnp.where(partial, q + 1, s.size))
+    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(s.size)))
 
 
 def _index_below(shape: tuple[int, ...], p: jnp.ndarray) -> jnp.ndarray:
-    """bool[shape]: row-major flat index < p (int32 p >= 0), compared axis by axis on iotas so
-    no int array the size of the leaf is built; p >= size gives all True."""
+    """bool[shape]: row-major flat index < p (uint32 p), compared axis by axis on iotas so no
+    int array the size of the leaf is built; p >= size gives all True."""
     size = int(np.prod(shape))
     if size == 0:
         return jnp.zeros(shape, bool)
     below, same = jnp.bool_(False), jnp.bool_(True)
     for axis in range(len(shape)):
         stride = int(np.prod(shape[axis + 1 :]))
-        digit = p // stride if axis == 0 else (p // stride) % shape[axis]
+        q = p // jnp.uint32(stride)
+        # Axis 0 saturates at its length (p >= size: every entry below); int32 from there on.
+        digit = (jnp.minimum(q, jnp.uint32(shape[0])) if axis == 0 else q % jnp.uint32(shape[axis])).astype(jnp.int32)
         i = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
         below = below | (same & (i < digit))
         same = same & (i == digit)

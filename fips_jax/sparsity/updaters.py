@@ -343,16 +343,17 @@ class RigL(SparsityUpdater):
         frac = CosineDecay(self.drop_fraction, self.t_end)(count)
         inactive = [None if m is None else ~m for m in masks]
 
+        # uint32 counts: a V group of an 8B model has more entries than int32 can count.
         def swaps(active, size):
-            n = jnp.round(frac * active).astype(jnp.int32)
-            return jnp.minimum(n, size - active)
+            n = jnp.minimum(jnp.round(frac * active.astype(jnp.float32)).astype(jnp.uint32), active)
+            return jnp.minimum(n, jnp.uint32(size) - active)
 
         if self.scope == "global":
-            active = sum(m.sum(dtype=jnp.int32) for m in masks if m is not None)
+            active = sum(m.sum(dtype=jnp.uint32) for m in masks if m is not None)
             n = swaps(active, sum(m.size for m in masks if m is not None))
             keep, grow = active - n, n
         else:
-            active = [None if m is None else m.sum(dtype=jnp.int32) for m in masks]
+            active = [None if m is None else m.sum(dtype=jnp.uint32) for m in masks]
             n = [None if m is None else swaps(a, m.size) for m, a in zip(masks, active)]
             keep = [None if m is None else a - k for m, a, k in zip(masks, active, n)]
             grow = n
