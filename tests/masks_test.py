@@ -154,3 +154,17 @@ def test_limits_raise_before_any_work():
         jax.eval_shape(topk, *[jax.ShapeDtypeStruct((2**30,), jnp.float32)] * 4)
     with pytest.raises(TypeError, match="integer"):
         mk.topk_masks([jnp.ones(3)], jnp.float32(1.0), "global")
+
+
+@pytest.mark.parametrize("algorithm", ["gmp", "rigl"])
+def test_mask_updates_of_an_8b_group_trace_past_int32(algorithm):
+    """Llama-3.1-8B, a group of 8 blocks: V [8, 3, 7819, 14336] has 2.69e9 entries; the init and
+    the mask-update step of GMP and RigL trace (shapes only) with every count past int32."""
+    from fips_jax import local_opt  # pylint: disable=import-outside-toplevel
+
+    tx, _ = local_opt.make_optimizer(local_opt.LocalOptConfig(steps=100, algorithm=algorithm, update_freq=50))
+    params = {"u": jax.ShapeDtypeStruct((4096, 7819), jnp.float32),
+              "v": jax.ShapeDtypeStruct((8, 3, 7819, 14336), jnp.float32)}
+    state = jax.eval_shape(tx.init, params)
+    updates, _ = jax.eval_shape(tx.update, params, state, params)
+    assert updates["v"].shape == params["v"].shape

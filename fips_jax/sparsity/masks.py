@@ -193,7 +193,9 @@ def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
     keep = jnp.asarray(keep)
     if not jnp.issubdtype(keep.dtype, jnp.integer) or keep.ndim:
         raise TypeError(f"keep must be an integer scalar, got {keep.dtype}{list(keep.shape)}")
-    return jnp.clip(keep, 0, min(n, jnp.iinfo(keep.dtype).max)).astype(jnp.uint32)
+    if jnp.issubdtype(keep.dtype, jnp.signedinteger):
+        keep = jnp.maximum(keep, jnp.zeros((), keep.dtype))
+    return jnp.minimum(keep.astype(jnp.uint32), jnp.uint32(n))
 
 
 def _group_size(leaves: list[jnp.ndarray]) -> int:
