@@ -67,17 +67,17 @@ class Target:
 TARGETS = (Target("TPU v5e-8", 8, 16), Target("TPU v4-32", 16, 32), Target("A100-80GB", 1, 80))
 
 # Measured once on one H100 80GB (jax 0.11.2, CUDA) with this module's `step_memory` and a real
-# optimiser initialisation; kept as text because this script runs on CPU.
+# optimiser initialisation, when masks were still computed by a global argsort (before
+# `masks.topk_masks` became a threshold bisection); kept as text because this script runs on CPU.
 CROSS_CHECK = (
     "One H100, Gemma-2-9B group, one device: the GPU compiler's temporaries are 15.5 GiB for the step "
     "without a mask update and 23.7 GiB for the GMP mask-update step (27.8 and 37.8 GiB in the CPU "
     "column above), and the GMP optimiser initialisation ran with a 21.5 GiB peak: V 6.6 GiB plus the "
     "new state 14.9 GiB, its sort working inside the output buffers. So the CPU backend overstates "
     "one-device temporaries by about 1.6-1.8x; with the GPU figure the A100 step without mask update "
-    "needs 17.2 + 46.1 + 15.5 = 78.8 GiB of the card's 80: no headroom. On a mesh the sort "
-    "runs on an unsharded copy of every V entry on each device (the temporaries above do not shrink "
-    "from 1 to 16 devices), so it needs at least 8 bytes per entry per device (float32 keys and int32 "
-    "indices): 13 GiB for a Gemma-2-9B group, 20 GiB for a Llama-3.1-8B group of 8, on any backend.")
+    "needs 17.2 + 46.1 + 15.5 = 78.8 GiB of the card's 80: no headroom. Those mask figures were taken "
+    "with the old argsort top-k, which ran on an unsharded copy of every V entry on each device; the "
+    "bisection top-k measured above has not been run on a GPU yet.")
 
 
 @dataclasses.dataclass
@@ -236,21 +236,18 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
                    + "; ".join(f"{h.name.replace(' (host)', '')} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB"
                                for h in host) + ".")
         if s["gmp_error"]:
-            out.append(f"Mask computation: `{s['gmp_error']}`: the global top-k ranks all "
-                       f"{s['v_entries']:,} V entries with int32 indices (limit {2**31 - 1:,}).")
+            out.append(f"Mask computation: `{s['gmp_error']}` ({s['v_entries']:,} V entries).")
         out.append("")
     out += ["## Cross-check on a GPU", "", CROSS_CHECK, ""]
     out += ["## Levers", "",
             "What shrinks which row (each changes the computation or its numerics, so none is a default):", "",
-            "- Mask computation (optimiser init for static/GMP/RigL, and every mask-update step of GMP/RigL): "
-            "the global top-k argsorts every V entry of the group; XLA does not "
-            "partition a sort along the sorted axis, so each device sorts all of them (those temporaries "
-            "barely change from 1 to 16 devices). A threshold found by bisection on |V| (a few dozen "
-            "sharded count reductions) needs no sort and no int32 indices.",
+            "- Mask computation (optimiser init for static/GMP/RigL, and every mask-update step of GMP/RigL) "
+            "finds its threshold by bisection with sharded count reductions (`masks.topk_masks`): no sort, "
+            "uint32 counts up to 2**32 entries, temporaries that shrink with the devices like V does.",
             "- MLP inputs + targets: stored in bfloat16 (the teacher's activations are bfloat16 already when the "
             "model is) they halve; kept on the host and fed one minibatch per step, they leave the device.",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
-            "roughly halve them (and bring Llama-3.1-8B's V under the int32 limit) at the cost of less sharing.",
+            "roughly halve them at the cost of less sharing.",
             "- More devices on `fsdp` divide everything above except the gathered minibatch activations "
             "`[n, batch_tokens, d]`, which every device holds while it forms its columns of W.", ""]
     return "\n".join(out)
