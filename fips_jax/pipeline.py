@@ -106,6 +106,16 @@ def per_layer_svd_params(params: Any, plan, budget_fraction: float) -> tuple[Any
     return grouping.replace_kernels(params, kernels), kept
 
 
+def per_layer_svd_kept(plan, budget_fraction: float) -> int:
+    """Weights the per-layer SVD baseline keeps (what `per_layer_svd_params` returns), without
+    computing it."""
+    kept = 0
+    for layout, _ in plan:
+        r = budget.per_layer_rank(layout.d, layout.p, budget_fraction, layer=f"blocks {layout.blocks}")
+        kept += r * (layout.d + layout.p) * len(layout.fc_paths) * len(layout.fc_names)
+    return kept
+
+
 def one_shot(params: dict, cfg: dict) -> dict:
     """SVD init pruned once to the target sparsity (global magnitude), no training: the
     "FiPS after SVD init" row, at the same budget as the final model."""
@@ -336,12 +346,15 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
     log(f"calibration: {calib.shape[0]} windows x {window} tokens ({calib_src['source']}:{calib_src.get('split', '')}); "
         f"evaluation: {len(eval_ids)} tokens, held-out reconstruction: {holdout.size} tokens")
 
-    baseline_params, baseline_kept = per_layer_svd_params(params, plan, cfg["fips"]["budget"])
+    # Memory: nothing model-sized is held across the group loop beyond the dense params and the
+    # groups' final factors. The baseline's kernels are made per group, then again for its eval;
+    # the one-shot init models are rebuilt from init.npz at eval time; each evaluated model is
+    # assembled inside its stage and dropped after it.
     calib_stream = calibration.HiddenStream(arch, params, calib, cfg["chunk"])
     hold_stream = calibration.HiddenStream(arch, params, holdout, cfg["chunk"])
     mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)
 
-    init_params, final_params, group_stats = [], [], []
+    final_params, group_stats = [], []
     done = [os.path.exists(r.path("groups", f"g{g:02d}", "stats.json")) for g in range(len(plan))]
     resume_at = 0
     while resume_at < len(plan) and done[resume_at]:
@@ -359,7 +372,6 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
     for g, (layout, rank) in enumerate(plan):
         gdir = r.path("groups", f"g{g:02d}")
         if g < resume_at:
-            init_params.append(one_shot(load_group(os.path.join(gdir, "init.npz")), cfg))
             final_params.append(load_group(os.path.join(gdir, "final.npz")))
             group_stats.append(checkpointing.read_json(os.path.join(gdir, "stats.json")))
             continue
@@ -407,7 +419,8 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         else:
             raise ValueError(f"fips.mode {cfg['fips']['mode']!r} not in ('joint', 'sequential')")
 
-        base_teacher = local_opt.stack_dense_mlps(baseline_params, layout)
+        base_teacher = local_opt.stack_dense_mlps(per_layer_svd_params(params, [(layout, rank)], cfg["fips"]["budget"])[0],
+                                                  layout)
         target = local_opt.mlp_targets(spec, teacher, xh)
 
         def rel(mlp_out):
@@ -437,14 +450,17 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error per-layer SVD "
             f"{np.mean(e['per_layer_svd']):.4f}, FiPS init {np.mean(e['fips_init']):.4f}, "
             f"final {np.mean(e['fips_final']):.4f}")
-        init_params.append(one_shot(p0, cfg))
         final_params.append(p1)
         group_stats.append(stats)
 
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
     tuned = global_finetune(r, arch, params, layouts, dict(zip(layouts, final_params)), calib, None)
-    fips_init_model = local_opt.assemble(params, list(zip([l for l, _ in plan], init_params)))
-    fips_model = local_opt.assemble(params, list(zip([l for l, _ in plan], final_params)))
+    layout_list = [l for l, _ in plan]
+
+    def fips_init_model():
+        inits = [one_shot(load_group(r.path("groups", f"g{g:02d}", "init.npz")), cfg) for g in range(len(plan))]
+        return local_opt.assemble(params, list(zip(layout_list, inits)))
+
     apply = jax.jit(arch.apply)
 
     def ppl(model):
@@ -453,16 +469,17 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
 
     evals = {
         "dense": r.stage("eval_dense", lambda: ppl(params)),
-        "per_layer_svd": r.stage("eval_per_layer_svd", lambda: ppl(baseline_params)),
-        "fips_init": r.stage("eval_fips_init", lambda: ppl(fips_init_model)),
-        "fips_final": r.stage("eval_fips_final", lambda: ppl(fips_model)),
+        "per_layer_svd": r.stage("eval_per_layer_svd", lambda: ppl(
+            per_layer_svd_params(params, plan, cfg["fips"]["budget"])[0])),
+        "fips_init": r.stage("eval_fips_init", lambda: ppl(fips_init_model())),
+        "fips_final": r.stage("eval_fips_final", lambda: ppl(local_opt.assemble(params, list(zip(layout_list, final_params))))),
     }
     if tuned is not None:
         final_params = [tuned[n] for n in layouts]
         evals["fips_finetuned"] = r.stage("eval_fips_finetuned", lambda: ppl(
             local_opt.assemble(params, [(layouts[n], tuned[n]) for n in layouts])))
     fips_b = fips_budget(plan, final_params, params)
-    base_b = budget.budget_report(baseline_kept, params, fips_b.dense_mlp)
+    base_b = budget.budget_report(per_layer_svd_kept(plan, cfg["fips"]["budget"]), params, fips_b.dense_mlp)
     exported = export_compressed(r, arch, params, plan, final_params,
                                  {"budget": fips_b.as_dict(), "evals": evals, "finetuned": tuned is not None})
     return {

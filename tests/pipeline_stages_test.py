@@ -119,3 +119,13 @@ def test_headless_vit_probe_and_feature_finetune(fashion_dir, tmp_path):
     report = open(os.path.join(wd, "report.md")).read()
     assert "Linear probe (fashion_mnist, 48 train / 24 test images)" in report
     assert "sparse safetensors" in report
+
+
+def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
+    from fips_jax.models import registry  # pylint: disable=import-outside-toplevel
+
+    cfg = _config("tiny_llama")
+    arch, params, _ = registry.load_model(cfg["model"])
+    plan = pipeline.plan_groups(cfg, arch, params)
+    for b in (0.3, 0.5):
+        assert pipeline.per_layer_svd_params(params, plan, b)[1] == pipeline.per_layer_svd_kept(plan, b)
