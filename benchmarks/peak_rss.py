@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of the real calibration CLI on this CPU machine, and the largest
 Llama-shaped model it extrapolates to.
 
-    python benchmarks/peak_rss.py --out=/tmp/peak_rss                    # all cases, ~30 min on 2 cores
+    python benchmarks/peak_rss.py --out=/tmp/peak_rss                    # all cases, ~70 min on 2 shared cores
     python benchmarks/peak_rss.py --out=/tmp/peak_rss --cases=smollm2,llama_1.1b
 
 Every case runs `python -m fips_jax.main --config=... --workdir=<fresh dir> --config.x=...` in its
@@ -29,7 +29,7 @@ with which). A child that would exhaust the machine (MemAvailable under --min_av
 stopped by this script, not left to the kernel's OOM killer (which could pick another process),
 and reported as `stopped ... at RSS X`: X is a lower bound on what that case needs.
 
-On 2 shared cores a case takes 5-15 min (the per-layer SVD baseline and the group SVDs dominate).
+On 2 shared cores a case takes 8-22 min (the per-layer SVD baseline and the group SVDs dominate).
 Writes peak_rss.json and the children's logs to --out; `--reuse` keeps the cases of an earlier
 peak_rss.json in --out that finished or were stopped for memory, and runs only the others.
 """
@@ -234,9 +234,8 @@ def run_case(case: dict, out: str, keep: bool, min_available: float, timeout: fl
     calib = re.search(r"calibration: (\d+) windows x (\d+) tokens", text)
     groups = re.findall(r"group (\d+): blocks \(([\d, ]+)\), d (\d+), p (\d+), rank (\d+)", text)
     steps = re.findall(r"group (\d+): step (\d+)/(\d+)", text)
-    n_params = float(params.group(2)) * 1e6 if params else (llama_params(case["hf"]) if "hf" in case else None)
-    if "hf" in case:
-        n_params = llama_params(case["hf"])  # exact; the log rounds to 0.1M
+    # Random models: counted exactly (the log rounds to 0.1M).
+    n_params = llama_params(case["hf"]) if "hf" in case else (float(params.group(2)) * 1e6 if params else None)
     status_s = "ok" if proc.returncode == 0 else (state["stopped"] or f"exit {proc.returncode}")
     res = {
         "name": name, "config": case["config"], "overrides": case["overrides"], "command": cmd,
@@ -308,7 +307,7 @@ def fit(results: list[dict], loop_only: bool = False) -> dict | None:
     if len(pts) < 2:
         return None
     xs, ys = [x / 1e9 for x, _ in pts], [y / GiB for _, y in pts]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     icpt = my - slope * mx
