@@ -165,8 +165,9 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
     checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS)
     r = Run(cfg, workdir, log, on_step)
     t_start = time.perf_counter()
-    arch, params, tokenizer = registry.load_model(
-        cfg["model"], seed=cfg["seed"], place_for=lambda a: sharding.place_fn(r.mesh, r.rules, a.logical_axes()))
+    # One device: nothing to place (placing a loaded tree would briefly hold it twice).
+    place_for = (lambda a: sharding.place_fn(r.mesh, r.rules, a.logical_axes())) if r.mesh.size > 1 else None
+    arch, params, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"], place_for=place_for)
     log(f"model: {arch.name}, {arch.num_blocks} blocks, {base.count_params(params) / 1e6:.1f}M params, "
         f"mesh {dict(r.mesh.shape)}")
     if r.mesh.size > 1:
