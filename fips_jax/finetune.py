@@ -220,11 +220,9 @@ def finetune(
     log(f"finetune: {cfg.steps} steps of {batch} of {n} inputs, loss {cfg.loss} on {kind}, "
         f"{cfg.algorithm} at sparsity {sparsity:.4f} ({nnz} of {size} V entries)")
     loss_fn = make_loss(arch, layouts, cfg, kind, batch, jax.random.PRNGKey(seed))
-    # Shardings only when given: a single-device run needs nothing of `train` beyond the loop.
-    placed = {} if param_shardings is None else {"param_shardings": param_shardings}
     params, losses = local_opt.train(dict(group_params), loss_fn, consts, lcfg, ckpt_dir,
                                      checkpoint_every=checkpoint_every, log=log, name="finetune",
-                                     on_step=on_step, **placed)
+                                     on_step=on_step, param_shardings=param_shardings)
     after, _ = v_nonzeros(params)
     # A kept weight landing on exactly 0 can only lower the count; the mask never exceeds nnz.
     log(f"finetune: V nonzeros {nnz} -> {after}")

@@ -96,14 +96,13 @@ def per_layer_svd_params(params: Any, plan, budget_fraction: float) -> tuple[Any
     """The baseline: every grouped FC replaced by its own truncated SVD at the same budget.
     Returns (params, kept weights)."""
     svd = jax.jit(svd_init.per_layer_svd, static_argnames="rank")
-    kernels, kept = {}, 0
+    kernels = {}
     for layout, _ in plan:
         r = budget.per_layer_rank(layout.d, layout.p, budget_fraction, layer=f"blocks {layout.blocks}")
         for row in layout.fc_paths:
             for path in row:
                 kernels[path] = svd(base.get_path(params, path), rank=r)
-                kept += r * (layout.d + layout.p)
-    return grouping.replace_kernels(params, kernels), kept
+    return grouping.replace_kernels(params, kernels), per_layer_svd_kept(plan, budget_fraction)
 
 
 def per_layer_svd_kept(plan, budget_fraction: float) -> int:
@@ -146,16 +145,19 @@ def group_init(arch: base.Architecture, layout: grouping.GroupLayout, rank: int,
     return local_opt.init_group_params(factors, params, layout, arch.mlp_spec)
 
 
+def group_shardings(r: Run, arch: base.Architecture, groups: dict) -> dict:
+    """{group name: NamedShardings of its params} by the run's mesh and rules."""
+    spec = arch.mlp_spec
+    return {n: sharding.group_shardings(p, r.mesh, r.rules, spec.fc_names, spec.transposed) for n, p in groups.items()}
+
+
 def check_config(cfg: dict) -> None:
     """Combinations of keys that cannot work, refused before any compute."""
     ft = cfg["finetune"]
     if ft["enabled"] and cfg["local"]["algorithm"] == "nm" and ft["algorithm"] != "static":
         raise ValueError(f"finetune.algorithm={ft['algorithm']!r} would break the N:M pattern of "
                          "local.algorithm='nm' (RigL swaps entries anywhere); set finetune.algorithm=static")
-    if ft["enabled"] and ft["algorithm"] not in finetune.ALGORITHMS:
-        raise ValueError(f"finetune.algorithm {ft['algorithm']!r} not in {finetune.ALGORITHMS}")
-    if ft["enabled"] and ft["loss"] not in finetune.LOSSES:
-        raise ValueError(f"finetune.loss {ft['loss']!r} not in {finetune.LOSSES}")
+    finetune.from_config(ft, n_inputs=1)  # its own checks (loss, algorithm, batch, ...), up front
 
 
 def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=None) -> dict:
@@ -267,15 +269,13 @@ def global_finetune(r: Run, arch: base.Architecture, params: Any, layouts: dict,
     if os.path.exists(path):
         r.log(f"[finetune] done earlier, reusing {path}")
         return load_group(path)
-    spec = arch.mlp_spec
-    p_sh = {n: sharding.group_shardings(p, r.mesh, r.rules, spec.fc_names, spec.transposed)
-            for n, p in group_params.items()}
     r.log(f"[finetune] {ft.steps} steps, batch {ft.batch}, loss {ft.loss}, {ft.algorithm}")
     t0 = time.perf_counter()
     tuned, losses = finetune.finetune(
         arch, params, layouts, group_params, jnp.asarray(inputs), ft, r.path("finetune", "loop"),
         labels=None if labels is None else jnp.asarray(labels), seed=cfg["seed"],
-        checkpoint_every=cfg["checkpoint_every"], log=r.log, on_step=r.on_step, param_shardings=p_sh)
+        checkpoint_every=cfg["checkpoint_every"], log=r.log, on_step=r.on_step,
+        param_shardings=group_shardings(r, arch, group_params))
     r.timings["finetune"] = time.perf_counter() - t0
     save_group(path, tuned)
     if sharding.is_writer():
@@ -456,7 +456,7 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
 
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
     tuned = global_finetune(r, arch, params, layouts, dict(zip(layouts, final_params)), calib, None)
-    layout_list = [l for l, _ in plan]
+    layout_list = list(layouts.values())
 
     def fips_init_model():
         inits = [one_shot(load_group(r.path("groups", f"g{g:02d}", "init.npz")), cfg) for g in range(len(plan))]
@@ -566,11 +566,10 @@ def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
     else:
         # One optimiser for everything: each shared U receives its group's summed gradient and
         # global pruning ranks every V of the model together (SPEC §4, §5).
-        spec = arch.mlp_spec
-        p_sh = {n: sharding.group_shardings(p0[n], r.mesh, r.rules, spec.fc_names, spec.transposed) for n in p0}
         p1, losses = local_opt.train(p0, loss_fn, (jnp.asarray(calib), params), local_config(cfg, steps),
                                      r.path("groups", "loop"), checkpoint_every=cfg["checkpoint_every"], log=log,
-                                     name="local", on_step=r.on_step, param_shardings=p_sh)
+                                     name="local", on_step=r.on_step,
+                                     param_shardings=group_shardings(r, arch, p0))
         save_group(final_path, p1)
 
     names = list(layouts)
