@@ -180,13 +180,43 @@ def load_gguf(
     return arch, params
 
 
+# tokenizer.* metadata -> the names transformers' GGUF tokenizer builders take.
+_TOKENIZER_KEYS = {
+    "ggml.model": "tokenizer_type", "ggml.pre": "pre_tokenizer_type", "ggml.tokens": "tokens",
+    "ggml.scores": "scores", "ggml.token_type": "token_type", "ggml.merges": "merges",
+    "ggml.precompiled_charsmap": "precompiled_charsmap", "ggml.bos_token_id": "bos_token_id",
+    "ggml.eos_token_id": "eos_token_id", "ggml.unknown_token_id": "unk_token_id",
+    "ggml.padding_token_id": "pad_token_id", "ggml.add_space_prefix": "add_prefix_space",
+}
+_TOKENIZER_CONFIG_KEYS = {"chat_template": "chat_template", "ggml.add_bos_token": "add_bos_token",
+                          "ggml.add_eos_token": "add_eos_token"}
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                   "pad_token": "padding_token_id"}
+
+
 def load_gguf_tokenizer(path: str) -> Any:
-    """The GGUF file's own tokenizer, rebuilt by transformers (offline; needs `tokenizers`).
+    """The GGUF file's own tokenizer as a transformers fast tokenizer, built without torch.
 
-    The fast-tokenizer class directly, not `AutoTokenizer`: the latter parses the whole GGUF
-    metadata twice more just to pick that same class (~4x slower).
+    transformers' `from_pretrained(gguf_file=...)` reads the metadata with a reader that imports
+    torch; here the metadata comes from `GgufFile` (vocabulary and merges decoded) and only
+    transformers' tokenizer builders are used (they need `tokenizers`, not torch), so the result
+    is the tokenizer transformers itself would build (tests/gguf_tokenizer_test.py checks ids).
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+    from transformers.integrations.gguf import convert_gguf_tokenizer  # pylint: disable=import-outside-toplevel
 
-    folder, name = os.path.split(os.path.abspath(path))
-    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    file = GgufFile(path, keep_strings=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    meta = file.fields
+    tokenizer = {name: meta[f"tokenizer.{key}"] for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.{key}" in meta}
+    config = {name: meta[f"tokenizer.{key}"] for key, name in _TOKENIZER_CONFIG_KEYS.items()
+              if f"tokenizer.{key}" in meta}
+    if not isinstance(tokenizer.get("tokens"), list):
+        raise ValueError(f"{file.path}: GGUF metadata has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    if tokenizer.get("tokenizer_type") == "llama":
+        # Older sentencepiece files carry no flag; llama.cpp then adds BOS.
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(file, "general.architecture"), tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)

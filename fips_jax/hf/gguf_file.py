@@ -48,8 +48,8 @@ class TensorInfo:
 
 
 class _Cursor:
-    def __init__(self, buf: memoryview, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf: memoryview, path: str, keep_strings: bool = False):
+        self.buf, self.pos, self.path, self.keep_strings = buf, 0, path, keep_strings
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
@@ -75,6 +75,8 @@ class _Cursor:
             raise ValueError(f"{self.path}: corrupt GGUF metadata (value type {vtype} at byte {self.pos})")
         etype, n = self.scalar("<I"), self.scalar("<Q")
         if etype == _STRING:
+            if self.keep_strings:
+                return [self.string() for _ in range(n)]
             for _ in range(n):  # skip; only the count is kept
                 self.take(self.scalar("<Q"))
             return StringArray(n)
@@ -85,9 +87,13 @@ class _Cursor:
 
 
 class GgufFile:
-    """Metadata (`fields`) and tensor table (`tensors`, by name) of a GGUF file; `read` loads one."""
+    """Metadata (`fields`) and tensor table (`tensors`, by name) of a GGUF file; `read` loads one.
 
-    def __init__(self, path: str):
+    keep_strings: metadata keys whose string arrays are decoded (the tokenizer's vocabulary and
+    merges); every other string array stays a `StringArray` count.
+    """
+
+    def __init__(self, path: str, keep_strings: tuple[str, ...] = ()):
         self.path = os.fspath(path)
         # memmap: tensor bytes are paged in only when read (an empty file cannot be mapped).
         self._data = np.memmap(self.path, mode="r") if os.path.getsize(self.path) else np.zeros(0, np.uint8)
@@ -101,7 +107,9 @@ class GgufFile:
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
+            cur.keep_strings = key in keep_strings
             self.fields[key] = cur.value(cur.scalar("<I"))
+        cur.keep_strings = False
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
