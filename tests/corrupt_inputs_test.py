@@ -153,3 +153,128 @@ def test_tensor_in_two_shards(tmp_path):
 def _one_line_naming(err, path, name):
     msg = str(err.value)
     assert "\n" not in msg and path in msg and name in msg, msg
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+GG_TENSORS = {  # name: (array, type); numpy shapes, so GGUF dims are reversed
+    "t.q8": (np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64), Q.Q8_0),
+    "t.f3": (np.arange(12, dtype=np.float32).reshape(3, 4), Q.F32),
+    "t.f6": (np.arange(8, dtype=np.float16), Q.F16),
+}
+
+
+def _write_gguf(path, alignment=None):
+    w = gguf.GGUFWriter(str(path), "llama")
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    for name, (arr, qtype) in GG_TENSORS.items():
+        if qtype in (Q.F32, Q.F16):
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gg_entry(data, name):
+    """Byte positions of a tensor-table entry: (n_dims, [dims], type, offset)."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    assert data.count(key) == 1
+    pos = data.index(key) + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, pos)
+    dims = [pos + 4 + 8 * i for i in range(n_dims)]
+    return pos, dims, pos + 4 + 8 * n_dims, pos + 8 + 8 * n_dims
+
+
+def _gg_patch(name, part, fmt, value):
+    def edit(data):
+        n_dims, dims, qtype, offset = _gg_entry(data, name)
+        at = {"n_dims": n_dims, "dim0": dims[0], "dim1": dims[-1], "type": qtype, "offset": offset}[part]
+        if callable(value):
+            (old,) = struct.unpack_from(fmt, data, at)
+            new = value(old, data)
+        else:
+            new = value
+        struct.pack_into(fmt, data, at, new)
+        return data
+    return edit
+
+
+def _gg_offset_of(name):
+    return lambda old, data: struct.unpack_from("<Q", data, _gg_entry(data, name)[3])[0]
+
+
+def _gg_rename(old, new):
+    def edit(data):
+        key = struct.pack("<Q", len(old)) + old.encode()
+        pos = data.index(key)
+        data[pos:pos + len(key)] = struct.pack("<Q", len(new)) + new.encode()
+        return data
+    return edit
+
+
+GG_CASES = {
+    # id: (edit(bytearray) -> bytearray, tensor named, expected message)
+    # t.f6 is 16 bytes, then 16 bytes of padding to the alignment: cut into its data.
+    "truncated_tensor_data": (lambda d: d[:-24], "t.f6", r"truncated GGUF file: tensor t\.f6 ends at byte \d+, file has"),
+    "row_not_a_multiple_of_the_block": (_gg_patch("t.q8", "dim0", "<Q", 48), "t.q8",
+                                        r"has 48 elements per row \(96 in all\), not a multiple of the Q8_0 block of 32"),
+    "overlapping_tensor_data": (_gg_patch("t.f6", "offset", "<Q", _gg_offset_of("t.f3")), "t.f6",
+                                r"tensor t\.f(3|6) at bytes \[\d+, \d+\) overlaps tensor t\.f(3|6)"),
+    "offset_before_the_data_section": (_gg_patch("t.f3", "offset", "<Q", 2**64 - 32), "t.f3",
+                                       r"has offset \d+ \(negative as int64\), before the data section"),
+    "offset_not_aligned": (_gg_patch("t.f3", "offset", "<Q", lambda o, d: o + 4), "t.f3",
+                           r"has offset \d+, not a multiple of general\.alignment=32"),
+    "zero_dim": (_gg_patch("t.f3", "dim1", "<Q", 0), "t.f3", r"has dims \[4, 0\]"),
+    "negative_looking_dim": (_gg_patch("t.f3", "dim0", "<Q", 2**64 - 4), "t.f3", r"has dims \[18446744073709551612, 3\]"),
+    "too_many_dims": (_gg_patch("t.f6", "n_dims", "<I", 7), "t.f6", r"has 7 dims \(GGUF allows at most 4\)"),
+    "duplicate_tensor_name": (_gg_rename("t.f6", "t.f3"), "t.f3", "appears twice in the tensor table"),
+    "unknown_ggml_type": (_gg_patch("t.f3", "type", "<I", 99), "t.f3", "has unknown ggml type 99"),
+}
+
+
+@pytest.fixture
+def gg_file(tmp_path):
+    path = str(tmp_path / "tiny.gguf")
+    _write_gguf(path)
+    return path
+
+
+def test_valid_gguf_file_loads(gg_file):
+    f = gguf_file.GgufFile(gg_file)
+    assert list(f.tensors) == list(GG_TENSORS)
+    theirs = {t.name: t for t in gguf.GGUFReader(gg_file).tensors}
+    for name, (arr, qtype) in GG_TENSORS.items():
+        assert f.tensors[name].shape == arr.shape and f.tensors[name].qtype == qtype
+        np.testing.assert_array_equal(f.read(name), gguf.quants.dequantize(theirs[name].data, qtype))
+
+
+@pytest.mark.parametrize("case", sorted(GG_CASES))
+def test_corrupt_gguf_file(gg_file, case):
+    edit, tensor, message = GG_CASES[case]
+    with open(gg_file, "rb") as f:
+        data = edit(bytearray(f.read()))
+    with open(gg_file, "wb") as f:
+        f.write(data)
+    with pytest.raises(ValueError, match=re.escape(gg_file) + r": .*" + message) as err:
+        gguf_file.GgufFile(gg_file)
+    _one_line_naming(err, gg_file, f"tensor {tensor}")
+
+
+def test_gguf_alignment_that_is_not_a_power_of_two(tmp_path):
+    path = str(tmp_path / "odd.gguf")
+    _write_gguf(path, alignment=64)  # GGUFWriter itself refuses 48
+    data = bytearray(open(path, "rb").read())
+    key = struct.pack("<Q", len("general.alignment")) + b"general.alignment"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<II", data, at) == (gguf.GGUFValueType.UINT32, 64)
+    struct.pack_into("<I", data, at + 4, 48)
+    open(path, "wb").write(data)
+    with pytest.raises(ValueError, match=re.escape(path) + r": general\.alignment is 48; ggml needs a power of two"):
+        gguf_file.GgufFile(path)
