@@ -278,3 +278,190 @@ def test_gguf_alignment_that_is_not_a_power_of_two(tmp_path):
     open(path, "wb").write(data)
     with pytest.raises(ValueError, match=re.escape(path) + r": general\.alignment is 48; ggml needs a power of two"):
         gguf_file.GgufFile(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed model: the Orbax directory of export.save and the sparse file of export_sparse
+# --------------------------------------------------------------------------------------------
+
+HF_CONFIG = dict(  # a 4-block Llama in two groups of two blocks
+    model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=4,
+    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, rms_norm_eps=1e-5,
+    rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")
+RANK = 8
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """(export.save directory, export_sparse file) of a random tiny Llama with random 75%-sparse groups."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from fips_jax import export, export_sparse, grouping  # pylint: disable=import-outside-toplevel
+    from fips_jax.models import registry  # pylint: disable=import-outside-toplevel
+
+    arch = registry.from_hf_config(HF_CONFIG)
+    params = jax.jit(arch.init)(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    plan, groups = [], []
+    for g, blocks in enumerate([(0, 1), (2, 3)]):
+        layout = grouping.group_layout(params, arch.mlp_spec, arch.mlp_path, blocks, group=g)
+        v = rng.normal(size=(layout.n_blocks, layout.n_fcs, RANK, layout.p)).astype(np.float32)
+        v[rng.random(v.shape) < 0.75] = 0
+        plan.append((layout, RANK))
+        groups.append({"u": rng.normal(size=(layout.d, RANK)).astype(np.float32), "v": v})
+    root = tmp_path_factory.mktemp("compressed")
+    directory, path = str(root / "compressed"), str(root / "model.safetensors")
+    export.save(directory, arch, params, plan, groups, {})
+    export_sparse.convert(directory, path)
+    return directory, path
+
+
+def _group(i, **changes):
+    """Manifest edit: update group i (a None value deletes the key)."""
+    def edit(m):
+        g = m["groups"][i]
+        for k, val in changes.items():
+            if val is None:
+                del g[k]
+            else:
+                g[k] = val(g[k]) if callable(val) else val
+        return m
+    return edit
+
+
+def _drop_group(i):
+    return lambda m: m | {"groups": [g for j, g in enumerate(m["groups"]) if j != i]}
+
+
+def _extra_group(m):
+    return m | {"groups": m["groups"] + [dict(m["groups"][1], name="g02")]}
+
+
+def _one_fc(g):
+    return g | {"fc_names": g["fc_names"][:2], "transposed": g["transposed"][:2],
+                "fc_paths": [row[:2] for row in g["fc_paths"]]}
+
+
+DIR_CASES = {
+    # id: (manifest edit, group/tensor named, expected message); the message follows "<dir>/params: "
+    # or "<dir>/manifest.json: " (manifest-only problems)
+    "manifest_group_missing_from_params": (_extra_group, "g02", r"manifest groups \['g02'\] are not in the params"),
+    "params_group_missing_from_manifest": (_drop_group(1), "g01", r"params hold groups \['g01'\] that the manifest lacks"),
+    "u_shape_vs_manifest_rank": (_group(0, rank=7), "fips/g00/u", r"fips/g00/u has shape \(16, 8\), .* give \(16, 7\)"),
+    "u_shape_vs_manifest_d": (_group(1, d=17), "fips/g01/u", r"fips/g01/u has shape \(16, 8\), .* give \(17, 8\)"),
+    "v_shape_vs_manifest_p": (_group(1, p=41), "fips/g01/v", r"fips/g01/v has shape \(2, 3, 8, 40\), .* give \(2, 3, 8, 41\)"),
+    "v_shape_vs_manifest_blocks": (_group(0, blocks=lambda b: b[:1], fc_paths=lambda r: r[:1]), "fips/g00/v",
+                                   r"fips/g00/v has shape \(2, 3, 8, 40\), the manifest's blocks=\[0\] .* give \(1, 3, 8, 40\)"),
+    "v_shape_vs_manifest_fc_names": (lambda m: m | {"groups": [_one_fc(m["groups"][0]), m["groups"][1]]}, "fips/g00/v",
+                                     r"fips/g00/v has shape \(2, 3, 8, 40\), .* give \(2, 2, 8, 40\)"),
+    "v_nonzeros_vs_manifest": (_group(1, v_nonzeros=lambda n: n + 1), "fips/g01/v",
+                               r"fips/g01/v has \d+ nonzeros, the manifest's v_nonzeros says \d+"),
+    "manifest_group_lacks_rank": (_group(0, rank=None), "g00", r"manifest group g00 lacks required keys \['rank'\]"),
+    "manifest_lacks_hf_config": (lambda m: {k: x for k, x in m.items() if k != "hf_config"}, "hf_config",
+                                 r"manifest lacks required keys \['hf_config'\]"),
+    "manifest_fc_paths_vs_blocks": (_group(1, fc_paths=lambda r: r[:1]), "g01",
+                                    r"manifest group g01: fc_paths is not 2 blocks x 3 kernel paths"),
+}
+MANIFEST_ONLY = {"manifest_group_lacks_rank", "manifest_lacks_hf_config", "manifest_fc_paths_vs_blocks"}
+
+
+def test_valid_compressed_dir_and_sparse_file_load(compressed):
+    from fips_jax import export, export_sparse  # pylint: disable=import-outside-toplevel
+
+    directory, path = compressed
+    arch, params, manifest = export.load(directory)
+    arch2, params2, manifest2 = export_sparse.load_sparse(path)
+    assert arch2 == arch and manifest2 == manifest and len(manifest["groups"]) == 2
+    np.testing.assert_array_equal(params2["blocks_3"]["mlp"]["down"]["kernel"], params["blocks_3"]["mlp"]["down"]["kernel"])
+
+
+@pytest.mark.parametrize("case", sorted(DIR_CASES))
+def test_corrupt_compressed_dir(compressed, tmp_path, case):
+    from fips_jax import export  # pylint: disable=import-outside-toplevel
+
+    edit, name, message = DIR_CASES[case]
+    directory = str(tmp_path / "compressed")
+    shutil.copytree(compressed[0], directory)
+    mpath = os.path.join(directory, "manifest.json")
+    with open(mpath) as f:
+        manifest = edit(json.load(f))
+    with open(mpath, "w") as f:
+        json.dump(manifest, f)
+    where = mpath if case in MANIFEST_ONLY else os.path.join(directory, "params")
+    with pytest.raises(ValueError, match=re.escape(where) + ": " + message) as err:
+        export.load(directory)
+    _one_line_naming(err, where, name)
+
+
+def test_compressed_dir_with_a_misshaped_v_in_the_params(compressed, tmp_path):
+    from fips_jax import checkpointing, export  # pylint: disable=import-outside-toplevel
+
+    directory = str(tmp_path / "compressed")
+    shutil.copytree(compressed[0], directory)
+    tree, _ = export.read_tree(directory)
+    tree["fips"]["g01"]["v"] = tree["fips"]["g01"]["v"][:, :, :, :39]
+    checkpointing.save_tree(os.path.join(directory, "params"), tree)
+    where = os.path.join(directory, "params")
+    with pytest.raises(ValueError, match=re.escape(where) + r": fips/g01/v has shape \(2, 3, 8, 39\)") as err:
+        export.load(directory)
+    _one_line_naming(err, where, "fips/g01/v")
+
+
+def _sparse_manifest(edit):
+    return lambda tensors, manifest: (tensors, edit(manifest))
+
+
+def _sparse_tensors(edit):
+    return lambda tensors, manifest: (edit(tensors), manifest)
+
+
+def _zero_a_value(tensors):
+    values = tensors["fips/g00/v/values"].copy()
+    values[3] = 0
+    return tensors | {"fips/g00/v/values": values}
+
+
+SPARSE_CASES = {
+    # id: (edit(tensors, manifest) -> (tensors, manifest), group/tensor named, expected message)
+    "values_count_vs_v_nonzeros": (_sparse_manifest(_group(0, v_nonzeros=lambda n: n + 1)), "fips/g00/v/values",
+                                   r"fips/g00/v/values has shape \((\d+),\), the manifest's v_nonzeros give \(\d+,\)"),
+    "group_tensors_missing": (_sparse_manifest(_extra_group), "g02", r"group g02 of the manifest: missing tensors \['fips/g02/u'"),
+    "group_the_manifest_lacks": (_sparse_manifest(_drop_group(1)), "g01", r"tensors of groups \['g01'\] that the manifest lacks"),
+    "u_shape_vs_manifest_rank": (_sparse_manifest(_group(1, rank=9)), "fips/g01/u",
+                                 r"fips/g01/u has shape \(16, 8\), the manifest's d/p/rank/blocks/fc_names give \(16, 9\)"),
+    "manifest_group_lacks_v_nonzeros": (_sparse_manifest(_group(1, v_nonzeros=None)), "g01",
+                                        r"manifest group g01 lacks required keys \['v_nonzeros'\]"),
+    "stored_zero_vs_v_nonzeros": (_sparse_tensors(_zero_a_value), "fips/g00/v",
+                                  r"fips/g00/v has (\d+) nonzeros, the manifest's v_nonzeros says \d+"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_CASES))
+def test_corrupt_sparse_file(compressed, tmp_path, case):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+    from fips_jax import export_sparse  # pylint: disable=import-outside-toplevel
+
+    edit, name, message = SPARSE_CASES[case]
+    with safe_open(compressed[1], framework="numpy") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors, manifest = edit(tensors, json.loads(meta["manifest"]))
+    path = str(tmp_path / "model.safetensors")
+    save_file(tensors, path, metadata=meta | {"manifest": json.dumps(manifest)})
+    with pytest.raises(ValueError, match=re.escape(path) + ": " + message) as err:
+        export_sparse.load_sparse(path)
+    _one_line_naming(err, path, name)
+
+
+def test_sparse_file_with_overlapping_offsets(compressed, tmp_path):
+    """A corrupt safetensors layout is reported by the reference reader, as a ValueError."""
+    from fips_jax import export_sparse  # pylint: disable=import-outside-toplevel
+
+    path = str(tmp_path / "model.safetensors")
+    header, body = _st_split(compressed[1])
+    header["fips/g01/u"]["data_offsets"] = [o - 4 for o in header["fips/g01/u"]["data_offsets"]]
+    _st_join(path, header, body)
+    with pytest.raises(ValueError, match=re.escape(path) + r": corrupt safetensors file \(.*invalid offset") as err:
+        export_sparse.load_sparse(path)
+    assert "\n" not in str(err.value)
