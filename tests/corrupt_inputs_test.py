@@ -104,6 +104,18 @@ def test_the_safetensors_package_refuses_what_the_reader_refuses(st_file):
         safetensors_io.write_file(st_file, ST_TENSORS)
 
 
+def test_tensor_named_twice_in_a_safetensors_header(st_file):
+    header, body = _st_split(st_file)
+    entry = json.dumps(header["c"])
+    blob = json.dumps(header)[:-1] + f', "c": {entry}}}'  # json.dumps cannot write a key twice
+    blob = blob.encode() + b" " * (-len(blob) % 8)
+    with open(st_file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + body)
+    with pytest.raises(ValueError, match=re.escape(st_file) + r": corrupt safetensors header \(key 'c' appears twice\)") as err:
+        safetensors_io.SafetensorsReader(st_file)
+    _one_line_naming(err, st_file, "'c'")
+
+
 def _sharded(tmp_path):
     folder = tmp_path / "sharded"
     safetensors_io.save_checkpoint(str(folder), list(ST_TENSORS.items()), max_shard_bytes=24)
@@ -464,4 +476,4 @@ def test_sparse_file_with_overlapping_offsets(compressed, tmp_path):
     _st_join(path, header, body)
     with pytest.raises(ValueError, match=re.escape(path) + r": corrupt safetensors file \(.*invalid offset") as err:
         export_sparse.load_sparse(path)
-    assert "\n" not in str(err.value)
+    _one_line_naming(err, path, "fips/g01/u")

@@ -43,7 +43,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"tensor {dup!r} appears twice in the header")
+        raise ValueError(f"key {dup!r} appears twice")
     return dict(pairs)
 
 
