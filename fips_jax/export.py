@@ -67,20 +67,118 @@ def load(directory: str) -> tuple[base.Architecture, dict, dict]:
 
 def read_tree(directory: str) -> tuple[dict, dict]:
     """The saved tree `{"base", "fips": {gNN: {"u", "v", "bias"?}}}` and the manifest, unassembled
-    (what a converter such as `export_sparse` starts from)."""
+    (what a converter such as `export_sparse` starts from). The manifest is checked before the
+    params are read, and the params against the manifest (`check_tree`) before they are returned."""
     mpath = os.path.join(directory, "manifest.json")
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"no compressed model at {directory}: {mpath} is missing")
-    manifest = checkpointing.read_json(mpath)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return checkpointing.restore_tree(os.path.join(directory, "params")), manifest
+    try:
+        manifest = checkpointing.read_json(mpath)
+    except ValueError as e:
+        raise ValueError(f"{mpath}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise ValueError(f"{mpath}: format {got!r}, expected {FORMAT!r}")
+    check_manifest(manifest, mpath)
+    tree = checkpointing.restore_tree(os.path.join(directory, "params"))
+    check_tree(tree, manifest, os.path.join(directory, "params"))
+    return tree, manifest
+
+
+MANIFEST_KEYS = ("format", "architecture", "hf_config", "groups")
+GROUP_KEYS = ("name", "blocks", "rank", "d", "p", "fc_names", "transposed", "fc_paths", "v_nonzeros")
+
+
+def _is_int(x: Any, least: int) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= least
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    """Every key that loading reads is there with a usable value, and each group is consistent
+    with itself (fc_paths is blocks x fc_names, ...). One-line ValueError naming `where` and the group."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: manifest is a JSON {type(manifest).__name__}, not an object")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{where}: manifest lacks required keys {missing}")
+    if not isinstance(manifest["hf_config"], dict):
+        raise ValueError(f"{where}: manifest hf_config is not an object")
+    groups = manifest["groups"]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"{where}: manifest groups must be a non-empty list of objects")
+    names = [g.get("name", f"groups[{i}]") for i, g in enumerate(groups)]
+    for i, g in enumerate(groups):
+        name = names[i]
+        missing = [k for k in GROUP_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"{where}: manifest group {name} lacks required keys {missing}")
+        if not isinstance(name, str) or not name or "/" in name or names.count(name) > 1:
+            raise ValueError(f"{where}: manifest group name {name!r} is empty, has a '/' or is used twice")
+        bad = [k for k in ("rank", "d", "p") if not _is_int(g[k], 1)]
+        if not _is_int(g["v_nonzeros"], 0):
+            bad.append("v_nonzeros")
+        blocks, fcs = g["blocks"], g["fc_names"]
+        if not isinstance(blocks, list) or not blocks or not all(_is_int(b, 0) for b in blocks):
+            bad.append("blocks")
+        if not isinstance(fcs, list) or not fcs or not all(isinstance(f, str) and f for f in fcs):
+            bad.append("fc_names")
+        if bad:
+            raise ValueError(f"{where}: manifest group {name}: bad {', '.join(f'{k}={g[k]!r}' for k in bad)}")
+        tr, paths = g["transposed"], g["fc_paths"]
+        if not isinstance(tr, list) or len(tr) != len(fcs) or not all(isinstance(t, bool) for t in tr):
+            raise ValueError(f"{where}: manifest group {name}: transposed {tr!r} is not one bool per fc_names {fcs}")
+        if (not isinstance(paths, list) or len(paths) != len(blocks)
+                or not all(isinstance(r, list) and len(r) == len(fcs) and all(isinstance(x, str) for x in r)
+                           for r in paths)):
+            raise ValueError(
+                f"{where}: manifest group {name}: fc_paths is not {len(blocks)} blocks x {len(fcs)} kernel paths")
+
+
+def check_tree(tree: Any, manifest: dict, where: str, count_nonzeros: bool = True) -> None:
+    """The saved tree holds exactly the manifest's groups, each with u [d, rank], v [blocks,
+    fc_names, rank, p], optional biases [blocks, out] per FC, and (count_nonzeros) as many
+    nonzeros in v as the manifest's v_nonzeros. One-line ValueError naming `where` and the tensor."""
+    check_manifest(manifest, where)
+    if not isinstance(tree, dict) or not isinstance(tree.get("base"), dict) or not isinstance(tree.get("fips"), dict):
+        raise ValueError(f"{where}: params are not {{'base': ..., 'fips': {{group: ...}}}}")
+    names = [g["name"] for g in manifest["groups"]]
+    absent = [n for n in names if n not in tree["fips"]]
+    if absent:
+        raise ValueError(f"{where}: manifest groups {absent} are not in the params (they hold {sorted(tree['fips'])})")
+    extra = sorted(set(tree["fips"]) - set(names))
+    if extra:
+        raise ValueError(f"{where}: params hold groups {extra} that the manifest lacks (it lists {names})")
+    for g in manifest["groups"]:
+        name, p = g["name"], tree["fips"][g["name"]]
+        n, f = len(g["blocks"]), len(g["fc_names"])
+        want = {"u": (g["d"], g["rank"]), "v": (n, f, g["rank"], g["p"])}
+        if not isinstance(p, dict) or not {"u", "v"} <= set(p) or set(p) - {"u", "v", "bias"}:
+            raise ValueError(f"{where}: fips/{name} holds {sorted(p) if isinstance(p, dict) else p!r}, "
+                             f"expected u, v and optionally bias")
+        if "bias" in p:
+            held = sorted(p["bias"]) if isinstance(p["bias"], dict) else type(p["bias"]).__name__
+            if held != sorted(g["fc_names"]):
+                raise ValueError(f"{where}: fips/{name}/bias holds {held}, manifest fc_names {g['fc_names']}")
+            for fc, tr in zip(g["fc_names"], g["transposed"]):
+                want[f"bias/{fc}"] = (n, g["d"] if tr else g["p"])
+        for key, shape in want.items():
+            x = p["bias"][key[5:]] if key.startswith("bias/") else p[key]
+            if tuple(np.shape(x)) != shape:
+                raise ValueError(
+                    f"{where}: fips/{name}/{key} has shape {tuple(np.shape(x))}, the manifest's "
+                    f"blocks={g['blocks']} fc_names={g['fc_names']} d={g['d']} p={g['p']} rank={g['rank']} give {shape}")
+        if count_nonzeros:
+            nnz = int(np.count_nonzero(np.asarray(p["v"])))
+            if nnz != g["v_nonzeros"]:
+                raise ValueError(f"{where}: fips/{name}/v has {nnz} nonzeros, the manifest's v_nonzeros says {g['v_nonzeros']}")
 
 
 def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -> tuple[base.Architecture, dict]:
     """(arch, dense-layout params) from a saved tree and its manifest: every grouped kernel set to
     U V_t and every grouped bias to the trained one, then checked against the architecture's
-    shapes (every missing, extra or mis-shaped param is named)."""
+    shapes (every missing, extra or mis-shaped param is named). The groups are checked against the
+    manifest first (`check_tree`; the nonzero count is left to the readers, which already did it)."""
+    check_tree(tree, manifest, where, count_nonzeros=False)
     arch = registry.from_hf_config(manifest["hf_config"])
     params = tree["base"]
     for g in manifest["groups"]:

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fips_jax import export, grouping
@@ -189,32 +189,51 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
+def _group_tensors(g: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
+    """{tensor name: (shape the manifest implies, None where it depends on the data; required)}
+    of one group; the biases are all there or all absent."""
+    name, n, f, r, p = g["name"], len(g["blocks"]), len(g["fc_names"]), g["rank"], g["p"]
+    out = {f"fips/{name}/u": ((g["d"], r), True),
+           f"fips/{name}/v/values": ((g["v_nonzeros"],), True),
+           f"fips/{name}/v/row_nnz": ((n * f * r,), True),
+           f"fips/{name}/v/bitmap": (None, True),
+           f"fips/{name}/v/cols": (None, True)}
+    for fc, tr in zip(g["fc_names"], g["transposed"]):
+        out[f"fips/{name}/bias/{fc}"] = ((n, g["d"] if tr else p), False)
+    return out
+
+
 def read(path: str) -> tuple[dict, dict]:
     """(tree, manifest) from a sparse file: the tree `export.save` stores, v decoded to dense
-    [n, F, r, p]. Raises ValueError for another format, missing or extra tensors."""
+    [n, F, r, p]. The header is checked before any tensor is read: the manifest (`export.
+    check_manifest`), the tensor names against its groups, and the shapes it implies (v/values
+    holds v_nonzeros values). Every problem is a one-line ValueError naming the file and the
+    tensor or group."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no sparse model file at {path}")
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        manifest = json.loads(meta["manifest"])
-        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            try:
+                manifest = json.loads(meta["manifest"])
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path}: no readable manifest in the metadata ({e!r})") from None
+            export.check_manifest(manifest, path)
+            _check_header(path, manifest, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # a corrupt file: the reference reader's message, one line
+        raise ValueError(f"{path}: corrupt safetensors file ({' '.join(str(e).split())})") from None
     base_tree = _nest({k[len("base/"):]: jnp.asarray(x) for k, x in arrays.items() if k.startswith("base/")})
-    fips, used = {}, {k for k in arrays if k.startswith("base/")}
+    fips = {}
     for g in manifest["groups"]:
         name = g["name"]
-        keys = [f"fips/{name}/u", *(f"fips/{name}/v/{part}" for part in V_PARTS)]
-        bias_keys = [f"fips/{name}/bias/{fc}" for fc in g["fc_names"]]
-        has_bias = any(k in arrays for k in bias_keys)
-        missing = [k for k in keys + (bias_keys if has_bias else []) if k not in arrays]
-        if missing:
-            raise ValueError(f"{path}: missing tensors {missing}")
-        used.update(keys + (bias_keys if has_bias else []))
         shape = (len(g["blocks"]), len(g["fc_names"]), g["rank"], g["p"])
-        v = decode_v({part: arrays[f"fips/{name}/v/{part}"] for part in V_PARTS}, shape, where=f"{path}: {name}/v")
+        v = decode_v({part: arrays[f"fips/{name}/v/{part}"] for part in V_PARTS}, shape,
+                     where=f"{path}: fips/{name}/v")
         fips[name] = {"u": jnp.asarray(arrays[f"fips/{name}/u"]), "v": jnp.asarray(v)}
-        if has_bias:
+        if f"fips/{name}/bias/{g['fc_names'][0]}" in arrays:
             fips[name]["bias"] = {fc: jnp.asarray(arrays[f"fips/{name}/bias/{fc}"]) for fc in g["fc_names"]}
         # The kernels' parents exist (empty) in the saved tree; assembly writes into them.
         for row in g["fc_paths"]:
@@ -222,10 +241,33 @@ def read(path: str) -> tuple[dict, dict]:
                 node = base_tree
                 for part in kernel.split("/")[:-1]:
                     node = node.setdefault(part, {})
-    extra = sorted(set(arrays) - used)
+    tree = {"base": base_tree, "fips": fips}
+    export.check_tree(tree, manifest, path)  # e.g. explicit zeros stored as values
+    return tree, manifest
+
+
+def _check_header(path: str, manifest: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Tensor names and shapes against the manifest, from the header alone."""
+    names = [g["name"] for g in manifest["groups"]]
+    stray = sorted({k.split("/")[1] for k in shapes if k.startswith("fips/")} - set(names))
+    if stray:
+        raise ValueError(f"{path}: tensors of groups {stray} that the manifest lacks (it lists {names})")
+    used = {k for k in shapes if k.startswith("base/")}
+    for g in manifest["groups"]:
+        want = _group_tensors(g)
+        biases = [k for k, (_, required) in want.items() if not required]
+        has_bias = any(k in shapes for k in biases)
+        missing = [k for k, (_, required) in want.items() if (required or has_bias) and k not in shapes]
+        if missing:
+            raise ValueError(f"{path}: group {g['name']} of the manifest: missing tensors {missing}")
+        for k, (shape, required) in want.items():
+            if (required or has_bias) and shape is not None and shapes[k] != shape:
+                what = "v_nonzeros" if k.endswith("/v/values") else "d/p/rank/blocks/fc_names"
+                raise ValueError(f"{path}: {k} has shape {shapes[k]}, the manifest's {what} give {shape}")
+            used.add(k)
+    extra = sorted(set(shapes) - used)
     if extra:
         raise ValueError(f"{path}: unexpected tensors {extra[:20]}")
-    return {"base": base_tree, "fips": fips}, manifest
 
 
 def load_sparse(path: str) -> tuple[base.Architecture, dict, dict]:

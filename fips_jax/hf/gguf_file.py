@@ -27,6 +27,7 @@ _SCALARS = {  # gguf.GGUFValueType -> struct format
 }
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +114,46 @@ class GgufFile:
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > _MAX_DIMS:  # before reading dims: a corrupt count could be 4 billion
+                raise ValueError(f"{self.path}: tensor {name} has {n_dims} dims (GGUF allows at most {_MAX_DIMS})")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        align = int(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        align = self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise ValueError(f"{self.path}: general.alignment is {align!r}; ggml needs a power of two")
         data_start = -(-cur.pos // align) * align
-        self.tensors: dict[str, TensorInfo] = {}
+        self.tensors = self._tensor_table(infos, align, data_start)
+
+    def _tensor_table(self, infos: list, align: int, data_start: int) -> dict[str, TensorInfo]:
+        """TensorInfo by name, every entry checked against its type, the alignment, the file size
+        and the other tensors, so that a corrupt table fails here and not half-way through a load."""
+        tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype, offset in infos:
+            where = f"{self.path}: tensor {name}"
+            if name in tensors:
+                raise ValueError(f"{where} appears twice in the tensor table")
             try:
                 qtype = gguf.GGMLQuantizationType(qtype)
-            except ValueError:
-                raise ValueError(f"{self.path}: tensor {name} has unknown ggml type {qtype}") from None
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(dims, dtype=np.int64))
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ValueError(f"{where} has unknown ggml type {qtype}") from None
+            # dims are u64: 0 or a "negative" one (top bit set) is corruption, not a shape.
+            if any(d == 0 or d >= 2**63 for d in dims):
+                raise ValueError(f"{where} has dims {dims} (each must be in 1 .. 2^63-1)")
+            n = 1
+            for d in dims:  # Python ints: no int64 overflow
+                n *= d
+            row = dims[0] if dims else 1
+            if row % block:  # rows are whole blocks, so the element count is too
+                raise ValueError(
+                    f"{where} has {row} elements per row ({n} in all), not a multiple of the "
+                    f"{qtype.name} block of {block}"
+                )
+            if offset >= 2**63:
+                raise ValueError(f"{where} has offset {offset} (negative as int64), before the data section")
+            if offset % align:
+                raise ValueError(f"{where} has offset {offset}, not a multiple of general.alignment={align}")
             nbytes = n // block * type_size
             info = TensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), data_start + offset, nbytes)
             if info.start + nbytes > len(self._data):
@@ -132,7 +161,18 @@ class GgufFile:
                     f"{self.path}: truncated GGUF file: tensor {name} ends at byte {info.start + nbytes}, "
                     f"file has {len(self._data)}"
                 )
-            self.tensors[name] = info
+            tensors[name] = info
+        # Data regions must not overlap. Gaps are allowed: alignment padding sits between tensors,
+        # and gguf.GGUFReader reads tensors at their offsets without asking for contiguity.
+        prev = None
+        for t in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
+            if prev is not None and t.start < prev.start + prev.nbytes:
+                raise ValueError(
+                    f"{self.path}: tensor {t.name} at bytes [{t.start}, {t.start + t.nbytes}) overlaps "
+                    f"tensor {prev.name} at [{prev.start}, {prev.start + prev.nbytes})"
+                )
+            prev = t
+        return tensors
 
     def read(self, name: str) -> np.ndarray:
         """Tensor `name` dequantised to float32, numpy order. Raises ValueError for unknown types."""

@@ -39,8 +39,48 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def _check_entry(path: str, name: str, info: object) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its dtype, shape and byte count."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+    if info["dtype"] not in _DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    # bool is an int subclass in Python, and neither true nor 2.0 is a dimension.
+    is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}; dims must be integers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], integers >= 0")
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] with begin > end")
+    want = _DTYPES[info["dtype"]].itemsize
+    for d in shape:  # Python ints: no overflow however large the dims
+        want *= d
+    if end - begin != want:
+        raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, shape {shape} {info['dtype']} needs {want}")
+    return begin, end
+
+
 def _read_header(path: str) -> tuple[int, dict]:
-    """(data section start, tensor table) of one .safetensors file, validated against its size."""
+    """(data section start, tensor table) of one .safetensors file, validated against its size.
+
+    Every entry is checked (dtype, integer dims >= 0, byte count = shape x dtype size, offsets in
+    the data section), and the tensors must tile the data section exactly: sorted by offset, each
+    starts where the previous one ends, and the last ends at the end of the file. That is what the
+    `safetensors` package itself enforces (0.8: a gap between tensors, a gap before the first one,
+    an overlap and trailing bytes are all refused by `safe_open`), so a file this reader accepts
+    opens everywhere, and one it refuses would be refused by the reference too.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -50,23 +90,34 @@ def _read_header(path: str) -> tuple[int, dict]:
         if n > min(_MAX_HEADER, size - 8):
             raise ValueError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file has {size})")
         try:
-            table = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            table = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+        except ValueError as e:  # bad UTF-8, bad JSON, a name twice
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(table).__name__}, not an object)")
     table.pop("__metadata__", None)
     data_size = size - 8 - n
+    spans = []
     for name, info in table.items():
-        if info.get("dtype") not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        want = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[info["dtype"]].itemsize
-        if end - begin != want:
-            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, shape {info['shape']} needs {want}")
+        begin, end = _check_entry(path, name, info)
         if end > data_size:
             raise ValueError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data "
                 f"section but only {data_size} bytes are present"
             )
+        spans.append((begin, end, name))
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise ValueError(f"{path}: tensor {name!r} at bytes [{begin}, {end}) overlaps tensor {prev!r} (ends at {pos})")
+        if begin > pos:
+            after = f"after tensor {prev!r}" if prev is not None else "before the first tensor"
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin}, leaving a gap of {begin - pos} bytes {after}")
+        pos, prev = end, name
+    if pos != data_size:
+        last = f"tensor {prev!r} ends" if prev is not None else "no tensor: data ends"
+        raise ValueError(f"{path}: {data_size - pos} trailing bytes in the data section ({last} at byte {pos} of {data_size})")
     return 8 + n, table
 
 
@@ -95,6 +146,8 @@ class SafetensorsReader:
         for file in files:
             start, table = _read_header(file)
             for name, info in table.items():
+                if name in self._where:
+                    raise ValueError(f"{file}: tensor {name!r} is also in {self._where[name][0]}")
                 self._where[name] = (file, start, info)
         if path.endswith(".json"):
             self._check_index(path)
@@ -103,16 +156,27 @@ class SafetensorsReader:
         try:
             with open(index_path) as f:
                 self._weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{index_path}: corrupt safetensors index ({e!r})") from None
+        if not isinstance(self._weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self._weight_map.items()
+        ):
+            raise ValueError(f"{index_path}: corrupt safetensors index (weight_map is not {{tensor: shard file}})")
         folder = os.path.dirname(index_path)
         files = sorted(set(self._weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise ValueError(f"{index_path}: shard files missing: {missing}")
+            names = sorted(k for k, v in self._weight_map.items() if v == missing[0])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise ValueError(
+                f"{index_path}: shard files missing: {missing}; {missing[0]} should hold tensors "
+                f"{', '.join(map(repr, names[:3]))}{more}"
+            )
         return [os.path.join(folder, f) for f in files]
 
     def _check_index(self, index_path: str) -> None:
+        """Every tensor the index names is in the shard it names. (A shard may hold tensors the
+        index leaves out: they are still readable, as with `safetensors.safe_open` on the shard.)"""
         folder = os.path.dirname(index_path)
         def found(k):
             return os.path.basename(self._where[k][0]) if k in self._where else "no shard"
@@ -123,7 +187,8 @@ class SafetensorsReader:
             if k not in self._where or self._where[k][0] != os.path.join(folder, v)
         ]
         if wrong:
-            raise ValueError(f"{index_path}: index does not match the shards: {', '.join(wrong)}")
+            more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+            raise ValueError(f"{index_path}: index does not match the shards: {', '.join(wrong[:10])}{more}")
 
     def keys(self) -> list[str]:
         return sorted(self._where)
