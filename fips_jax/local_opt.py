@@ -58,8 +58,10 @@ def make_optimizer(cfg: LocalOptConfig):
     updater = sparsity.create_updater(
         algorithm=cfg.algorithm,
         sparsity=cfg.sparsity,
-        # Short runs end the ramp early to leave steps for recovery at the final sparsity.
-        t_end=max(int(round(cfg.prune_end * cfg.steps)), 2),
+        # Short runs end the ramp early to leave steps for recovery at the final sparsity; a ramp
+        # ends no earlier than just after the first mask update (step update_freq), which then
+        # reaches the target.
+        t_end=max(int(round(cfg.prune_end * cfg.steps)), cfg.update_freq + 1),
         update_freq=cfg.update_freq,
         filter_regex=V_FILTER,
         scope=cfg.scope,

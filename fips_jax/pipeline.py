@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax import (budget, calibration, checkpointing, data, export, export_sparse, finetune, grouping, local_opt,
-                      report, sharding, svd_init)
+                      report, sharding, sparsity, svd_init)
 from fips_jax.evaluators import classification, features, perplexity
 from fips_jax.models import base, registry
 
@@ -76,11 +76,11 @@ def plan_groups(cfg: dict, arch: base.Architecture, params: Any) -> list[tuple[g
     fc = cfg["fips"]
     groups = grouping.make_groups(
         arch.num_blocks, groups=fc["groups"] or None, group_size=None if fc["groups"] else fc["group_size"])
-    sparsity = 0.0 if cfg["local"]["algorithm"] == "dense" else fc["sparsity"]
+    v_sparsity = 0.0 if cfg["local"]["algorithm"] == "dense" else fc["sparsity"]
     out = []
     for g, blocks in enumerate(groups):
         layout = grouping.group_layout(params, arch.mlp_spec, arch.mlp_path, blocks, group=g)
-        r = budget.rank_for_budget(layout.d, layout.p, layout.n_blocks, layout.n_fcs, fc["budget"], sparsity,
+        r = budget.rank_for_budget(layout.d, layout.p, layout.n_blocks, layout.n_fcs, fc["budget"], v_sparsity,
                                    round_to=fc["round_to"] or None, reference_parity=fc["reference_parity"],
                                    group=f"group {g} (blocks {blocks[0]}-{blocks[-1]})")
         m = cfg["local"]["m"]
@@ -118,8 +118,13 @@ def per_layer_svd_kept(plan, budget_fraction: float) -> int:
 def one_shot(params: dict, cfg: dict) -> dict:
     """SVD init pruned once to the target sparsity (global magnitude), no training: the
     "FiPS after SVD init" row, at the same budget as the final model."""
-    # Only the final target matters here; any step count past the first mask update will do.
-    _, updater = local_opt.make_optimizer(local_config(cfg, 4 * cfg["local"]["update_freq"] + 4))
+    lc = local_config(cfg, 1)
+    # Only the final target matters, and GMP and RigL reach it by the same magnitude ranking as
+    # a static mask; building their schedules would need a step count that this row has none of.
+    algorithm = "static" if lc.algorithm in ("gmp", "rigl") else lc.algorithm
+    updater = sparsity.create_updater(
+        algorithm=algorithm, sparsity=lc.sparsity if algorithm != "nm" else None, filter_regex=local_opt.V_FILTER,
+        scope=lc.scope, n=lc.n, m=lc.m, axis=lc.nm_axis)
     return updater.instant_sparsify(params)[0]
 
 

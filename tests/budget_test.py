@@ -19,6 +19,10 @@ def test_reference_parity_overspends_when_p_is_not_4d():
     real = budget.rank_for_budget(3072, 8192, 7, 3, 0.5, 0.75)
     parity = budget.rank_for_budget(3072, 8192, 7, 3, 0.5, 0.75, reference_parity=True)
     assert parity > real
+    # Groups of 4, by hand: floor(4*3*4*3072^2*0.5 / (4*3*4*3072*0.25 + 3072)) = floor(5671.38);
+    # with the real p, floor(0.5*3*4*3072*8192 / (3072 + 0.25*3*4*8192)) = floor(5461.33).
+    assert budget.rank_for_budget(3072, 8192, 4, 3, 0.5, 0.75, reference_parity=True) == 5671
+    assert budget.rank_for_budget(3072, 8192, 4, 3, 0.5, 0.75) == 5461
     # For p = 4d both forms agree.
     assert budget.rank_for_budget(768, 3072, 4, 2, 0.4, 0.75, reference_parity=True) == 1092
 

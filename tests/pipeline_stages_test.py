@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fips_jax import config_base, export, export_sparse, pipeline
-from fips_jax.models import fips_mlp
+from fips_jax.models import base, fips_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = lambda msg: None  # noqa: E731
@@ -111,8 +111,10 @@ def test_headless_vit_probe_and_feature_finetune(fashion_dir, tmp_path):
     probe = m["probe"]
     assert list(probe) == ["dense", "per_layer_svd", "fips_init", "fips_final", "fips_finetuned"]
     assert probe["dense"]["cls_cosine"] == pytest.approx(1.0) and probe["dense"]["n_test"] == 24
-    for k in ("per_layer_svd", "fips_final", "fips_finetuned"):
-        assert probe[k]["cls_cosine"] < 1.0
+    cos = {k: v["cls_cosine"] for k, v in probe.items()}
+    # At the same budget FiPS keeps the features closer to the dense ones than per-layer SVD does
+    # (measured 0.89 vs 0.74), and the local optimisation improves on its init (0.89 vs 0.88).
+    assert cos["per_layer_svd"] + 0.05 < cos["fips_init"] < cos["fips_final"] < 1.0, cos
     # Fine-tuning on feature reconstruction brings the features closer to the dense ones.
     assert probe["fips_finetuned"]["cls_cosine"] > probe["fips_final"]["cls_cosine"] - 1e-3
     assert m["evals"]["fips_finetuned"]["logits_rel_error"] < m["evals"]["fips_final"]["logits_rel_error"]
@@ -128,4 +130,13 @@ def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
     arch, params, _ = registry.load_model(cfg["model"])
     plan = pipeline.plan_groups(cfg, arch, params)
     for b in (0.3, 0.5):
-        assert pipeline.per_layer_svd_params(params, plan, b)[1] == pipeline.per_layer_svd_kept(plan, b)
+        baseline, kept = pipeline.per_layer_svd_params(params, plan, b)
+        # Counted from the baseline's kernels themselves: each has some rank k and costs k (d + p).
+        counted = 0
+        for layout, _ in plan:
+            for path in (p for row in layout.fc_paths for p in row):
+                w = np.asarray(base.get_path(baseline, path), np.float64)
+                assert not np.allclose(w, np.asarray(base.get_path(params, path)))
+                counted += np.linalg.matrix_rank(w, tol=1e-4 * np.abs(w).max()) * (layout.d + layout.p)
+        assert counted == kept == pipeline.per_layer_svd_kept(plan, b)
+        assert abs(kept / sum(l.dense_weights for l, _ in plan) - b) < 0.05
