@@ -140,3 +140,16 @@ def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
                 counted += np.linalg.matrix_rank(w, tol=1e-4 * np.abs(w).max()) * (layout.d + layout.p)
         assert counted == kept == pipeline.per_layer_svd_kept(plan, b)
         assert abs(kept / sum(l.dense_weights for l, _ in plan) - b) < 0.05
+
+
+def test_a_ramp_that_ends_before_the_first_mask_update_runs_to_the_target(tmp_path):
+    # prune_end 0.1 of 24 steps rounds to step 2, before the first mask update (update_freq 5):
+    # the ramp then ends at that update, and the "FiPS after SVD init" row (one-shot pruning at
+    # the target) needs no step count at all.
+    cfg = _config("tiny_llama", **{"local.epochs": 6.0, "local.prune_end": 0.1, "fips.group_size": 2})
+    m = pipeline.run(cfg, str(tmp_path), log=QUIET)
+    for g, p in enumerate(_final_groups(str(tmp_path))):
+        assert np.mean(np.asarray(p["v"]) == 0) == pytest.approx(0.75, abs=1e-3), g
+        init = pipeline.one_shot(pipeline.load_group(str(tmp_path / "groups" / f"g{g:02d}" / "init.npz")), cfg)
+        assert np.mean(np.asarray(init["v"]) == 0) == pytest.approx(0.75, abs=1e-3), g
+    assert m["evals"]["fips_init"]["nll"] > m["evals"]["fips_final"]["nll"]

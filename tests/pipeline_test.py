@@ -84,6 +84,7 @@ def test_vit_end_to_end(tmp_path):
     assert m["budget"]["fips"]["fraction_of_mlp_weights"] <= 0.5
     pb = m["per_block"]
     assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_per_layer_svd"])
+    assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_fips_init"])
     arch, params, _ = export.load(str(tmp_path / "compressed"))
     images = np.random.default_rng(1).standard_normal((32, 16, 16, 3)).astype(np.float32)  # eval seed = seed + 1
     logits = np.asarray(jax.jit(arch.apply)(params, jnp.asarray(images)))
@@ -149,11 +150,14 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
 
 
 def test_sequential_mode_trains_each_mlp_in_turn(tmp_path):
-    cfg = _config("tiny_llama", **{"local.epochs": 2.0, "fips.mode": "sequential", "fips.group_size": 4})
+    # 24 steps a block: with 8, each MLP's GMP ramp jumps to 75% at its one mask update and the
+    # blocks trained later move the shared U away from the earlier ones (final error 0.38 > init 0.27).
+    cfg = _config("tiny_llama", **{"local.epochs": 6.0, "fips.mode": "sequential", "fips.group_size": 4})
     logs = []
     m = pipeline.run(cfg, str(tmp_path), log=logs.append)
     # One optimisation per block, each with its own optimiser and checkpoints.
-    assert sum("group 0 block" in line and "step 8/8" in line for line in logs) == 4
+    assert sum("group 0 block" in line and "step 24/24" in line for line in logs) == 4
     assert all(os.path.isdir(tmp_path / "groups" / "g00" / f"loop_b{b}") for b in range(4))
     pb = m["per_block"]
     assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_per_layer_svd"])
+    assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_fips_init"])
