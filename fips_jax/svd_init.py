@@ -85,13 +85,14 @@ def init_group_gram(w: jax.Array, rank: int, n_blocks: int, n_fcs: int, tau: flo
     Squaring W squares its condition number: directions with singular values below
     ~sqrt(eps) * s_max (eps ~ 1.2e-7 in float32) are resolved less accurately than by the SVD.
     Pretrained MLP matrices are far better conditioned than that on the kept directions.
-    Returns FipsFactors(u [d, rank], v [n_blocks, n_fcs, rank, p]), float32.
+    Returns FipsFactors(u [d, rank], v [n_blocks, n_fcs, rank, p]), float32 (float64 for a
+    float64 w, which tests use to compare summation orders below float32 rounding).
     """
     d, m = w.shape
     if m % (n_blocks * n_fcs):
         raise ValueError(f"group matrix width {m} is not divisible by n_blocks*n_fcs = {n_blocks * n_fcs}")
     p = m // (n_blocks * n_fcs)
-    w = w.astype(jnp.float32)
+    w = w.astype(jnp.promote_types(w.dtype, jnp.float32))  # float32, or float64 if given (tests)
     # HIGHEST: TPUs and recent GPUs otherwise multiply float32 in bf16/TF32 passes.
     hi = jax.lax.Precision.HIGHEST
     gram = jnp.matmul(w, w.T, precision=hi)
@@ -105,7 +106,7 @@ def init_group_gram(w: jax.Array, rank: int, n_blocks: int, n_fcs: int, tau: flo
     else:
         sv = jnp.matmul(u_full.T, w, precision=hi)  # [k, m] = diag(S) Vh up to row signs
         rows = jnp.arange(rank - k) % k
-        u = jnp.concatenate([u_full, jnp.zeros((d, rank - k), jnp.float32)], axis=1)
+        u = jnp.concatenate([u_full, jnp.zeros((d, rank - k), w.dtype)], axis=1)
         v = jnp.concatenate([sv, sv[rows] / tau], axis=0)
     v = v.reshape(rank, n_blocks, n_fcs, p).transpose(1, 2, 0, 3)
     return FipsFactors(u=u, v=v)
