@@ -345,12 +345,17 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
     window, n_windows = calib_src["window"], calib_src["n_windows"]
     calib = data.token_windows(_tokens(calib_src, tokenizer, window * n_windows), window, n_windows)
     context = eval_src["context"]
-    eval_ids = _tokens(eval_src, tokenizer, context * eval_src["max_windows"])[: context * eval_src["max_windows"]]
+    # The whole split is tokenised (seconds) so that a run scoring only `max_windows` of its
+    # windows can say how many there were: "standard" perplexity means the whole split.
+    split_ids = data.encode(tokenizer, _text(eval_src))
+    eval_ids = split_ids[: context * eval_src["max_windows"]]
     holdout = data.token_windows(eval_ids, context, min(dc["holdout_windows"], max(len(eval_ids) // context, 1)))
+    eval_scope = {"windows_scored": len(eval_ids) // context, "windows_in_split": len(split_ids) // context,
+                  "tokens_in_split": int(len(split_ids))}
     n_tok = calib.size
     log, spec = r.log, arch.mlp_spec
     log(f"calibration: {calib.shape[0]} windows x {window} tokens ({calib_src['source']}:{calib_src.get('split', '')}); "
-        f"evaluation: {len(eval_ids)} tokens, held-out reconstruction: {holdout.size} tokens")
+        f"evaluation: {report.eval_scope_label(eval_scope, context)}, held-out reconstruction: {holdout.size} tokens")
 
     # Memory: nothing model-sized is held across the group loop beyond the dense params and the
     # groups' final factors. The baseline's kernels are made per group, then again for its eval;
@@ -494,7 +499,8 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
         "budget": {"fips": fips_b.as_dict(), "per_layer_svd": base_b.as_dict()},
         "per_block": _per_block(plan, final_params, group_stats),
         "groups_stats": group_stats,
-        "data": {"calib_tokens": int(n_tok), "eval_tokens": int(len(eval_ids)), "heldout_tokens": int(holdout.size)},
+        "data": {"calib_tokens": int(n_tok), "eval_tokens": int(len(eval_ids)), "heldout_tokens": int(holdout.size),
+                 "eval": {**eval_scope, "label": report.eval_scope_label(eval_scope, context)}},
     }
 
 

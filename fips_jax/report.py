@@ -21,10 +21,22 @@ def _metric_cell(metrics: dict, ev: dict) -> str:
     return f"{100 * ev.get('agreement_with_dense', 1.0):.2f}"
 
 
+def eval_scope_label(scope: dict, context: int) -> str:
+    """What a perplexity was computed on: the whole split, or "16 x 512 tokens of 219 windows"."""
+    scored, total = scope["windows_scored"], scope["windows_in_split"]
+    if scored >= total:
+        return f"the whole split ({total} x {context} tokens)"
+    return f"{scored} x {context} tokens of {total} windows"
+
+
 def table(metrics: dict) -> str:
     """Markdown table: the evaluation metric and the kept parameters three ways per variant."""
     if metrics["task"] == "causal_lm":
-        head = f"perplexity ({metrics['protocol']}, context {metrics['evals']['dense']['context']})"
+        head = f"perplexity ({metrics['protocol']}, context {metrics['evals']['dense']['context']}"
+        scope = metrics.get("data", {}).get("eval")
+        if scope and metrics["protocol"] == "standard":
+            head += f"; {eval_scope_label(scope, metrics['evals']['dense']['context'])}"
+        head += ")"
     else:
         head = "top-1 %" if metrics["metric"] == "top1" else "top-1 agreement with dense %"
     lines = [f"| model | {head} | held-out rel. error | kept of MLP | kept of linear | kept of model |",

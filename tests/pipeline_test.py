@@ -56,6 +56,10 @@ def test_llm_end_to_end(llm_run):
     assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_per_layer_svd"])
     assert np.mean(pb["heldout_rel_error_fips_final"]) < np.mean(pb["heldout_rel_error_fips_init"])
     assert m["evals"]["dense"]["protocol"] == "standard"
+    # Only max_windows (8) of the split's windows are scored, and the table says so.
+    scope = m["data"]["eval"]
+    assert scope["windows_scored"] == m["evals"]["dense"]["n_windows"] == 8 < scope["windows_in_split"]
+    assert f"8 x 64 tokens of {scope['windows_in_split']} windows" in open(os.path.join(wd, "report.md")).read()
     for f in ("report.md", "per_block.png"):
         assert os.path.getsize(os.path.join(wd, f)) > 0
     assert "FiPS final" in proc.stdout
