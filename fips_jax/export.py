@@ -7,6 +7,7 @@
 
 `load` rebuilds the architecture from the manifest alone (no original checkpoint needed) and
 returns dense-layout params with every grouped kernel equal to U V_t. Nothing is unpickled.
+`save` refuses a tree holding a NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ def _without(tree: dict, paths: Sequence[str]) -> dict:
     return out
 
 
+def check_finite(tree: Any, where: str) -> None:
+    """Raise ValueError naming every leaf of `tree` (slash-joined path) that holds a NaN or an
+    infinity: an export must never carry them. Reduced on device for jax arrays."""
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        finite = jnp.all(jnp.isfinite(x)) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
+        if not bool(finite):
+            bad.append(grouping.path_str(path))
+    if bad:
+        raise ValueError(f"{where}: refusing to export non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:10])}{', ...' if len(bad) > 10 else ''}")
+
+
 def save(directory: str, arch: base.Architecture, dense_params: Any,
          plan: Sequence[tuple[grouping.GroupLayout, int]], group_params: Sequence[dict], manifest: dict) -> None:
     kernel_paths = [p for layout, _ in plan for row in layout.fc_paths for p in row]
@@ -42,6 +58,7 @@ def save(directory: str, arch: base.Architecture, dense_params: Any,
         "base": _without(dict(dense_params), kernel_paths),
         "fips": {f"g{g:02d}": p for g, p in enumerate(group_params)},
     }
+    check_finite(tree, where=directory)
     checkpointing.save_tree(os.path.join(directory, "params"), tree)
     groups = []
     for g, ((layout, rank), p) in enumerate(zip(plan, group_params)):

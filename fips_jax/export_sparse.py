@@ -156,7 +156,10 @@ def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
 
 def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> SizeReport:
     """Write `{"base", "fips": {gNN: {u, v, bias?}}}` (the tree `export.save` stores) and its
-    manifest to one safetensors file, atomically. Returns the sizes."""
+    manifest to one safetensors file, atomically. Returns the sizes. Raises ValueError naming the
+    tensors if any value is NaN or infinite."""
+    export.check_finite({"base": tree["base"], "fips": {g["name"]: tree["fips"][g["name"]] for g in manifest["groups"]}},
+                        where=path)
     tensors = _flat(tree["base"], "base/")
     for g in manifest["groups"]:
         name, p = g["name"], tree["fips"][g["name"]]
