@@ -306,5 +306,6 @@ def train(
         if on_step is not None:
             ckpt.wait()
             on_step(done, losses[-1])
+        checkpointing.fault_point("train_step")
     ckpt.close()
     return params, losses

@@ -52,6 +52,7 @@ class Run:
         t0 = time.perf_counter()
         result = fn()
         self.timings[name] = time.perf_counter() - t0
+        checkpointing.fault_point("stage")
         if sharding.is_writer():
             checkpointing.write_json(out, result)
         self.log(f"[{name}] {self.timings[name]:.1f}s")
@@ -447,6 +448,7 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
                 prev = r.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
                 if os.path.exists(prev):
                     os.remove(prev)
+        checkpointing.fault_point("group_done")
         e = stats["heldout_rel_error"]
         log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error per-layer SVD "
             f"{np.mean(e['per_layer_svd']):.4f}, FiPS init {np.mean(e['fips_init']):.4f}, "
