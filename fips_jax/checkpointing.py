@@ -9,7 +9,8 @@
   temp directory next to the target and renamed into place (`atomic_dir`): a reader, or a rerun,
   sees the old version whole or the new one whole, never a mix.
 - The run's config is saved beside the checkpoints; a later run with a config that changes what a
-  saved stage computed is refused with the keys that differ.
+  saved stage computed is refused with the keys that differ, and a non-empty directory without
+  one (not a run's workdir) is refused before anything is written into it.
 - `fault_point(name)` marks places where tests kill the process (`FIPS_JAX_KILL_AT`).
 """
 
@@ -265,13 +266,26 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_config(workdir: str, cfg: dict, ignore: Iterable[str] = ()) -> None:
+def check_config(workdir: str, cfg: dict, ignore: Iterable[str] = (), write: bool = True) -> None:
     """Save `cfg` in the workdir on first use; afterwards refuse a config whose values differ
-    (except keys under `ignore` prefixes, which do not change any saved stage)."""
+    (except keys under `ignore` prefixes, which do not change any saved stage).
+
+    A workdir that holds files but no config.json is not a run's workdir (config.json is the
+    first thing a run writes): it is refused, and nothing is written into it.
+    write: whether this process saves config.json (process 0 only in a multi-process run).
+    """
     path = os.path.join(workdir, "config.json")
     current = json.loads(json.dumps(cfg, default=_jsonable))
     if not os.path.exists(path):
-        write_json(path, current)
+        # A temp file of a config.json write killed midway is the only thing a run leaves first.
+        foreign = sorted(n for n in os.listdir(workdir) if not n.startswith(".tmp-"))
+        if foreign:
+            raise ValueError(
+                f"workdir {workdir} is not empty and has no config.json, so it is not a fips_jax run "
+                f"(it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                "refusing to write into it: use a new or empty --workdir")
+        if write:
+            write_json(path, current)
         return
     saved = flatten_config(read_json(path))
     now = flatten_config(current)

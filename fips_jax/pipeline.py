@@ -164,8 +164,10 @@ def check_config(cfg: dict) -> None:
 def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=None) -> dict:
     """The whole pipeline; returns the metrics also written to `workdir/metrics.json`."""
     check_config(cfg)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
-    checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS)
+    checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS, write=sharding.is_writer())
     r = Run(cfg, workdir, log, on_step)
     t_start = time.perf_counter()
     # One device: nothing to place (placing a loaded tree would briefly hold it twice).

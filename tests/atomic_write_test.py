@@ -1,4 +1,5 @@
-"""Artefacts appear whole or not at all: HF folders, the compressed model, durable small files."""
+"""Artefacts appear whole or not at all: HF folders, the compressed model, durable small files,
+and a foreign --workdir is never written into."""
 
 import json
 import os
@@ -127,3 +128,30 @@ def test_small_files_are_fsynced_with_their_directory(tmp_path, monkeypatch):
     assert files[0].startswith(".tmp-") and files[0].endswith(".npz") and synced[1] == str(tmp_path)
     assert files[2].startswith(".tmp-") and synced[3] == str(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.json"]
+
+
+def test_foreign_nonempty_workdir_is_refused_and_untouched(tmp_path):
+    wd = tmp_path / "photos"
+    wd.mkdir()
+    (wd / "holiday.jpg").write_bytes(b"\xff\xd8 not a run")
+    before = _snapshot(wd)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "fips_jax.main", "--config=configs/tiny_llama.py", f"--workdir={wd}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: workdir ") and str(wd) in lines[0], proc.stderr[-2000:]
+    assert "not a fips_jax run" in lines[0] and "holiday.jpg" in lines[0]
+    assert _snapshot(wd) == before and sorted(os.listdir(wd)) == ["holiday.jpg"]
+
+
+def test_empty_workdir_and_own_workdir_are_accepted(tmp_path):
+    cfg = {"a": 1}
+    checkpointing.check_config(str(tmp_path), cfg)  # empty: a new run
+    assert json.load(open(tmp_path / "config.json")) == cfg
+    (tmp_path / "stages").mkdir()
+    checkpointing.check_config(str(tmp_path), cfg)  # its own: a resume
+    other = tmp_path / "other"
+    other.mkdir()
+    checkpointing.check_config(str(other), cfg, write=False)  # a process other than 0 writes nothing
+    assert os.listdir(other) == []
