@@ -7,6 +7,9 @@
 
 `load` rebuilds the architecture from the manifest alone (no original checkpoint needed) and
 returns dense-layout params with every grouped kernel equal to U V_t. Nothing is unpickled.
+
+`save` writes the directory whole or not at all (built next to it, then renamed into place) and
+refuses a tree holding a NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import checkpointing, grouping, local_opt
+from fips_jax import checkpointing, grouping, local_opt, sharding
 from fips_jax.models import base, registry
 
 FORMAT = "fips_jax.compressed/1"
@@ -35,14 +38,33 @@ def _without(tree: dict, paths: Sequence[str]) -> dict:
     return out
 
 
+def check_finite(tree: Any, where: str) -> None:
+    """Raise ValueError naming every leaf of `tree` (slash-joined path) that holds a NaN or an
+    infinity: an export must never carry them. Reduced on device for jax arrays."""
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        finite = jnp.all(jnp.isfinite(x)) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
+        if not bool(finite):
+            bad.append(grouping.path_str(path))
+    if bad:
+        raise ValueError(f"{where}: refusing to export non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:10])}{', ...' if len(bad) > 10 else ''}")
+
+
 def save(directory: str, arch: base.Architecture, dense_params: Any,
          plan: Sequence[tuple[grouping.GroupLayout, int]], group_params: Sequence[dict], manifest: dict) -> None:
+    """Write the compressed model to `directory` (layout in the module docstring). Collective:
+    every process calls it (the Orbax save is); process 0 alone writes the manifest and puts the
+    directory in place. An existing `directory` is replaced only once the new one is complete.
+    Raises ValueError naming the tensors if any value is NaN or infinite."""
     kernel_paths = [p for layout, _ in plan for row in layout.fc_paths for p in row]
     tree = {
         "base": _without(dict(dense_params), kernel_paths),
         "fips": {f"g{g:02d}": p for g, p in enumerate(group_params)},
     }
-    checkpointing.save_tree(os.path.join(directory, "params"), tree)
+    check_finite(tree, where=directory)
     groups = []
     for g, ((layout, rank), p) in enumerate(zip(plan, group_params)):
         v = np.asarray(p["v"])
@@ -52,10 +74,14 @@ def save(directory: str, arch: base.Architecture, dense_params: Any,
             "fc_paths": [list(row) for row in layout.fc_paths],
             "v_sparsity": float(np.mean(v == 0)), "v_nonzeros": int(np.count_nonzero(v)),
         })
-    checkpointing.write_json(os.path.join(directory, "manifest.json"), {
-        "format": FORMAT, "architecture": arch.name, "hf_config": registry.to_hf_config(arch),
-        "groups": groups, **manifest,
-    })
+    with checkpointing.atomic_dir(directory, collective=True) as tmp:
+        checkpointing.save_tree(os.path.join(tmp, "params"), tree)
+        checkpointing.fault_point("export_orbax")
+        if sharding.is_writer():
+            checkpointing.write_json(os.path.join(tmp, "manifest.json"), {
+                "format": FORMAT, "architecture": arch.name, "hf_config": registry.to_hf_config(arch),
+                "groups": groups, **manifest,
+            })
 
 
 def load(directory: str) -> tuple[base.Architecture, dict, dict]:

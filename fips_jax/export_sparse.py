@@ -38,7 +38,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from fips_jax import export, grouping
+from fips_jax import checkpointing, export, grouping
 from fips_jax.models import base
 
 FORMAT = "fips_jax.sparse/1"
@@ -156,7 +156,11 @@ def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
 
 def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> SizeReport:
     """Write `{"base", "fips": {gNN: {u, v, bias?}}}` (the tree `export.save` stores) and its
-    manifest to one safetensors file, atomically. Returns the sizes."""
+    manifest to one safetensors file, atomically (a temp file next to it, fsynced, renamed into
+    place). Returns the sizes. Raises ValueError naming the tensors if any value is NaN or
+    infinite."""
+    export.check_finite({"base": tree["base"], "fips": {g["name"]: tree["fips"][g["name"]] for g in manifest["groups"]}},
+                        where=path)
     tensors = _flat(tree["base"], "base/")
     for g in manifest["groups"]:
         name, p = g["name"], tree["fips"][g["name"]]
@@ -165,10 +169,14 @@ def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> Siz
             tensors[f"fips/{name}/v/{part}"] = arr
         if "bias" in p:
             tensors.update(_flat(p["bias"], f"fips/{name}/bias/"))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"  # a fixed name: a killed attempt's leftover is overwritten by the next
     save_file(tensors, tmp, metadata={"format": FORMAT, "manifest": json.dumps(manifest, sort_keys=True)})
+    checkpointing.fsync_file(tmp)
+    checkpointing.fault_point("export_sparse")
     os.replace(tmp, path)
+    checkpointing.fsync_dir(folder)
     return size_report({k: v.nbytes for k, v in tensors.items()}, manifest, os.path.getsize(path))
 
 

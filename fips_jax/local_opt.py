@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fips_jax import grouping, sparsity
@@ -177,11 +178,18 @@ def block_outputs_loss(
     return jnp.sum(per_block), per_block
 
 
-def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation, updater) -> Callable:
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation, updater,
+              check_finite: bool = False) -> Callable:
     """One update: grads of `loss_fn(params, *batch)`, the wrapped optimiser, then the masks.
 
     The forward sees params directly; pruned V entries are exactly zero, so the gradient w.r.t. V
     is dense (what RigL grows by). Undecorated: jit at the call site (donate params/opt_state).
+    Returns (params, opt_state, loss, aux); with `check_finite` a fifth output, bool [3]: whether
+    the loss, every gradient and every updated param are finite (one reduction each, in the step).
     """
 
     def step(params, opt_state, *batch):
@@ -189,6 +197,8 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.Gra
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params = updater.post_gradient_update(params, sparsity.get_sparse_state(opt_state))
+        if check_finite:
+            return params, opt_state, loss, aux, jnp.stack([jnp.isfinite(loss), _all_finite(grads), _all_finite(params)])
         return params, opt_state, loss, aux
 
     return step
@@ -205,6 +215,13 @@ def minibatch_indices(key: jax.Array, step: jax.Array, n_tokens: int, batch: int
 
 class Interrupted(Exception):
     """Raised by a step hook to stop a run (tests use it to simulate a kill)."""
+
+
+class NonFiniteError(ValueError):
+    """A step produced a non-finite loss, gradient or param; the run stopped before saving it."""
+
+
+_FINITE_PARTS = ("loss", "gradient", "params after the update")
 
 
 def train(
@@ -229,6 +246,13 @@ def train(
 
     param_shardings: NamedShardings of `params` (`sharding.group_shardings`); the optimiser state
     shadows them and the step keeps both in place. Consts keep the shardings they come with.
+
+    Failure safety: the step also reports whether its loss, gradients and updated params are all
+    finite; the host checks it with the loss (already pulled every step), before any checkpoint
+    of that step is written. The first non-finite step stops the run with `NonFiniteError` naming
+    `name`, the step and the last checkpoint saved (all finite): stopping rather than skipping the
+    step, because a NaN here means diverged training or broken inputs, which skipping would hide.
+    A rerun resumes from that checkpoint.
     """
     from fips_jax import checkpointing, sharding  # pylint: disable=import-outside-toplevel
 
@@ -240,7 +264,7 @@ def train(
         params = jax.device_put(params, param_shardings)
         o_sh = sharding.shadow_shardings(jax.eval_shape(tx.init, params), params, param_shardings)
         scalar = jax.sharding.NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, jax.sharding.PartitionSpec())
-        jit_kw["out_shardings"] = (param_shardings, o_sh, scalar, scalar)
+        jit_kw["out_shardings"] = (param_shardings, o_sh, scalar, scalar, scalar)
         init = jax.jit(tx.init, out_shardings=o_sh)
     else:
         init = tx.init
@@ -259,20 +283,31 @@ def train(
         losses = [float(x) for x in saved["losses"]]
         log(f"{name}: resumed at step {start}/{cfg.steps}")
     params, opt_state = state["params"], state["opt_state"]
-    step_fn = jax.jit(make_step(loss_fn, tx, updater), donate_argnums=(0, 1), **jit_kw)
+    step_fn = jax.jit(make_step(loss_fn, tx, updater, check_finite=True), donate_argnums=(0, 1), **jit_kw)
     t0 = time.perf_counter()
+    saved_at = start
     for step in range(start, cfg.steps):
-        params, opt_state, loss, _ = step_fn(params, opt_state, jnp.int32(step), *consts)
+        params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *consts)
         losses.append(float(loss))
         done = step + 1
+        finite = np.asarray(finite)
+        if not finite.all():
+            ckpt.close()  # lets a pending save of the last good step finish
+            bad = ", ".join(part for part, ok in zip(_FINITE_PARTS, finite) if not ok)
+            where = (f"the last good checkpoint is step {saved_at} in {ckpt_dir}; a rerun resumes from there"
+                     if saved_at else f"no checkpoint was saved yet in {ckpt_dir}; a rerun starts over")
+            raise NonFiniteError(f"{name}: non-finite {bad} at step {done}/{cfg.steps} (loss {losses[-1]}); "
+                                 f"stopped without saving it: {where}")
         if done % checkpoint_every == 0 or done == cfg.steps:
             leaves = jax.tree_util.tree_leaves({"params": params, "opt_state": opt_state})
             ckpt.save(done, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": jnp.asarray(losses)})
+            saved_at = done
         if done % max(cfg.steps // 10, 1) == 0 or done == cfg.steps:
             rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
             log(f"{name}: step {done}/{cfg.steps} loss {losses[-1]:.4g} ({rate:.2f} steps/s)")
         if on_step is not None:
             ckpt.wait()
             on_step(done, losses[-1])
+        checkpointing.fault_point("train_step")
     ckpt.close()
     return params, losses

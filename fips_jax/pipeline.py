@@ -52,6 +52,7 @@ class Run:
         t0 = time.perf_counter()
         result = fn()
         self.timings[name] = time.perf_counter() - t0
+        checkpointing.fault_point("stage")
         if sharding.is_writer():
             checkpointing.write_json(out, result)
         self.log(f"[{name}] {self.timings[name]:.1f}s")
@@ -168,8 +169,10 @@ def check_config(cfg: dict) -> None:
 def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=None) -> dict:
     """The whole pipeline; returns the metrics also written to `workdir/metrics.json`."""
     check_config(cfg)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
-    checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS)
+    checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS, write=sharding.is_writer())
     r = Run(cfg, workdir, log, on_step)
     t_start = time.perf_counter()
     # One device: nothing to place (placing a loaded tree would briefly hold it twice).
@@ -457,6 +460,7 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
                 prev = r.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
                 if os.path.exists(prev):
                     os.remove(prev)
+        checkpointing.fault_point("group_done")
         e = stats["heldout_rel_error"]
         log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error per-layer SVD "
             f"{np.mean(e['per_layer_svd']):.4f}, FiPS init {np.mean(e['fips_init']):.4f}, "

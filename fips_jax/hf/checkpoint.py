@@ -103,13 +103,12 @@ def save_pretrained(
     """Write `config.json` and HF-layout safetensors that transformers (and `load_pretrained`) load.
 
     max_shard_bytes: split into index + shards above this size. Returns the files written.
+    The folder (weights and config together) appears whole or not at all, see
+    `safetensors_io.save_checkpoint`; other files already in `out_dir` are kept.
     """
     fam = family(arch.name)
-    os.makedirs(out_dir, exist_ok=True)
     tensors = convert.export_params(params, fam.key_map(arch.config))
-    files = safetensors_io.save_checkpoint(out_dir, tensors, max_shard_bytes)
     # "dtype" for current transformers, "torch_dtype" for older releases.
     hf = {**fam.config_to_hf(arch.config), "dtype": _dtype_name(params), "torch_dtype": _dtype_name(params)}
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    return files + [CONFIG_FILE]
+    config = json.dumps(hf, indent=2, sort_keys=True).encode()
+    return safetensors_io.save_checkpoint(out_dir, tensors, max_shard_bytes, extra_files={CONFIG_FILE: config})

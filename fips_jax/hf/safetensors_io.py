@@ -1,5 +1,8 @@
 """Lazy safetensors reading and writing with numpy, bf16 included.
 
+Writes are atomic: one file via a temp file renamed into place, a checkpoint folder via a temp
+folder renamed into place (`save_checkpoint`).
+
 File format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
 N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}`,
 then the raw little-endian tensor bytes (offsets relative to the end of the header).
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from typing import Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from fips_jax import checkpointing
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -229,7 +235,7 @@ def _dtype_name(arr: np.ndarray) -> str:
 
 
 def write_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write one .safetensors file atomically (a temp file renamed into place)."""
+    """Write one .safetensors file atomically (a temp file, fsynced, renamed into place)."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     arrays, offset = [], 0
     for name, arr in tensors.items():
@@ -247,7 +253,10 @@ def write_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[s
         f.write(blob)
         for arr in arrays:
             f.write(arr.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    checkpointing.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _shards(items: list[tuple[str, np.ndarray]], max_bytes: int) -> Iterator[list[tuple[str, np.ndarray]]]:
@@ -262,31 +271,71 @@ def _shards(items: list[tuple[str, np.ndarray]], max_bytes: int) -> Iterator[lis
         yield shard
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    return name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _keep_others(old_dir: str, new_dir: str, replaced: Iterable[str]) -> None:
+    """Hard-link (or copy) every entry of `old_dir` that the new checkpoint does not replace
+    (tokenizer files and the like) into `new_dir`."""
+    replaced = set(replaced)
+    for name in os.listdir(old_dir):
+        if _is_checkpoint_file(name) or name in replaced:
+            continue
+        src, dst = os.path.join(old_dir, name), os.path.join(new_dir, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def save_checkpoint(
-    out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int | None = None
+    out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> list[str]:
     """Write tensors in HF layout: `model.safetensors`, or when they exceed `max_shard_bytes`,
-    `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
+    `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`, and
+    `extra_files` ({name: bytes}, e.g. config.json) beside them.
 
-    Returns the file names written. Stale files of the other layout are removed so that
-    loaders never pick up an old checkpoint.
+    Returns the file names written. The folder appears whole or not at all: it is built in a
+    temp folder next to `out_dir` and renamed into place, an existing `out_dir` renamed aside
+    first and removed after (so a crash at any point leaves the old checkpoint or the new one,
+    whole). Files of the old folder that are not weights (tokenizer, ...) are carried over; old
+    weight files of either layout are not, so loaders never pick up a stale checkpoint.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file, not a checkpoint folder")
     items = [(k, np.asarray(v)) for k, v in tensors]
     total = sum(a.nbytes for _, a in items)
-    for stale in os.listdir(out_dir):
-        if stale == INDEX_FILE or (stale.startswith("model") and stale.endswith(".safetensors")):
-            os.remove(os.path.join(out_dir, stale))
-    if max_shard_bytes is None or total <= max_shard_bytes:
-        write_file(os.path.join(out_dir, SINGLE_FILE), dict(items))
-        return [SINGLE_FILE]
-    shards = list(_shards(items, max_shard_bytes))
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(os.path.join(out_dir, name), dict(shard))
-        names.append(name)
-        weight_map.update({k: name for k, _ in shard})
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names + [INDEX_FILE]
+    extra = dict(extra_files or {})
+    with checkpointing.atomic_dir(out_dir) as tmp:
+        if max_shard_bytes is None or total <= max_shard_bytes:
+            write_file(os.path.join(tmp, SINGLE_FILE), dict(items))
+            names = [SINGLE_FILE]
+        else:
+            shards = list(_shards(items, max_shard_bytes))
+            names, weight_map = [], {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_file(os.path.join(tmp, name), dict(shard))
+                checkpointing.fault_point("safetensors_shard")
+                names.append(name)
+                weight_map.update({k: name for k, _ in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            extra = {INDEX_FILE: json.dumps(index, indent=2).encode(), **extra}
+        for name, data in extra.items():  # plain writes: the folder as a whole is renamed into place
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        if os.path.isdir(out_dir):
+            _keep_others(out_dir, tmp, extra)
+    return names + list(extra)
