@@ -229,4 +229,6 @@ def test_smollm2_perplexity_on_real_text_is_far_below_uniform(smollm2):
     ppl = float(np.exp(nll(params, tokens)))
     print(f"\nSmolLM2-135M-Instruct Q4_1 perplexity over {windows}x{length} wiki tokens: {ppl:.2f} "
           f"(uniform: {arch.config.vocab_size}); {time.time() - start:.1f}s")
-    assert ppl < 60, ppl
+    # Measured 15.40 (float32 on x86 CPUs); a wrong RoPE row order, tokenizer or dequantisation
+    # moves it by far more than the 3% allowed here.
+    assert ppl == pytest.approx(15.40, rel=0.03), ppl
