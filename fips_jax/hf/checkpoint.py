@@ -22,12 +22,14 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax.hf import convert, gemma2, llama, safetensors_io, swin, vit
+from fips_jax.hf import convert, gemma2, llama, qwen2, qwen3, safetensors_io, swin, vit
 from fips_jax.models import base
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
     "gemma2": gemma2,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
     "vit": vit,
     "deit": vit,  # DeiT checkpoints build a "vit" architecture (distillation token optional)
     "swin": swin,

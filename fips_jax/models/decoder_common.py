@@ -1,8 +1,9 @@
-"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2).
+"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2, Qwen2/2.5, Qwen3).
 
-Llama and Gemma-2 differ only in a handful of switches (norm offset, post-norms, embedding
-scale, soft-capping, sliding windows, activation), so both are one `CausalLM` module driven by a
-frozen `DecoderSpec`; `llama.py` and `gemma2.py` translate their HF-shaped configs into a spec.
+The families differ only in a handful of switches (norm offset, post-norms, embedding scale,
+soft-capping, sliding windows, activation, q/k/v biases, per-head q/k norms), so all are one
+`CausalLM` module driven by a frozen `DecoderSpec`; `llama.py`, `gemma2.py`, `qwen2.py` and
+`qwen3.py` translate their HF-shaped configs into a spec.
 
 Shapes: B batch, T query length, S key length (= T, no cache), d model width, H query heads,
 K key/value heads (H % K == 0, GQA), G = H // K, hd head dim, p MLP width, V vocabulary.
@@ -11,6 +12,8 @@ Param tree (slash-joined, flax `[in, out]` kernels):
     embed/embedding                      [V, d]     ("vocab", "embed")
     blocks_{i}/pre_attn_norm/scale       [d]        ("embed",)
     blocks_{i}/attn/{q,k,v}/kernel       [d, H*hd] / [d, K*hd]
+    blocks_{i}/attn/{q,k,v}/bias         [H*hd] / [K*hd]  (attn_bias or qkv_bias: Qwen2)
+    blocks_{i}/attn/{q,k}_norm/scale     [hd]       ("head_dim",)  (qk_norm: Qwen3)
     blocks_{i}/attn/o/kernel             [H*hd, d]
     blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2 only)
     blocks_{i}/pre_mlp_norm/scale        [d]
@@ -140,6 +143,8 @@ class DecoderSpec:
     layer_windows: per layer, the sliding-window length (keys with q_pos - k_pos < window are
       visible) or None for global causal attention.
     norm_unit_offset: True for Gemma's RMSNorm, which scales by (1 + w) and stores w.
+    attn_bias: biases on all four attention projections; qkv_bias: on q, k and v only (Qwen2).
+    qk_norm: RMSNorm over each head's hd features of q and k, before RoPE (Qwen3).
     """
 
     vocab_size: int
@@ -155,6 +160,8 @@ class DecoderSpec:
     layer_windows: tuple[int | None, ...]
     attn_scale: float
     attn_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
     norm_unit_offset: bool = False
@@ -204,17 +211,19 @@ class RMSNorm(nn.Module):
     """x / rms(x), scaled by `scale` (Llama) or `1 + scale` (Gemma). x: [..., d] -> [..., d].
 
     Normalisation runs in float32 whatever the compute dtype, as in the reference models.
+    axis: logical name of the normalised axis ("head_dim" for per-head q/k norms).
     """
 
     eps: float
     unit_offset: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
-        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis,)), (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.unit_offset:
@@ -236,10 +245,15 @@ class Attention(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         k_heads, g, hd = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
-        dense = lambda n, axes, name: _dense(n, axes, s.attn_bias, self.dtype, self.param_dtype, name)
-        q = dense(s.num_heads * hd, ("embed", "heads"), "q")(x).reshape(b, t, s.num_heads, hd)
-        k = dense(k_heads * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, k_heads, hd)
-        v = dense(k_heads * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, k_heads, hd)
+        dense = lambda n, axes, bias, name: _dense(n, axes, bias, self.dtype, self.param_dtype, name)
+        qkv_bias = s.attn_bias or s.qkv_bias
+        q = dense(s.num_heads * hd, ("embed", "heads"), qkv_bias, "q")(x).reshape(b, t, s.num_heads, hd)
+        k = dense(k_heads * hd, ("embed", "kv_heads"), qkv_bias, "k")(x).reshape(b, t, k_heads, hd)
+        v = dense(k_heads * hd, ("embed", "kv_heads"), qkv_bias, "v")(x).reshape(b, t, k_heads, hd)
+        if s.qk_norm:
+            norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, "head_dim",
+                                        name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
 
         inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
         q = apply_rope(q, ctx.positions, inv_freq)
@@ -256,7 +270,7 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, s.num_heads * hd)
-        return dense(s.d_model, ("heads", "embed"), "o")(out)
+        return dense(s.d_model, ("heads", "embed"), s.attn_bias, "o")(out)
 
 
 class GatedMlp(nn.Module):
