@@ -173,3 +173,57 @@ def _no_init_weights():
     except ImportError:  # older transformers: just pay for the random init
         return contextlib.nullcontext()
     return no_init_weights()
+
+
+def test_qwen2_bpe_tokenizer_matches_transformers(tmp_path):
+    """A byte-level BPE vocabulary (tokenizer.ggml.model "gpt2", pre "qwen2", as llama.cpp writes
+    Qwen's) trained here on a little text: `load_gguf_tokenizer` builds it without torch and splits
+    text as transformers' GGUF tokenizer does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import json
+
+    text = ("Qwen2.5 is a family of language models. It's 2024; 12345 tokens, naïve café — 東京!\n"
+            "  Indented   spaces\tand tabs; numbers 3.14159 and 1,000,000 don't split alike.\n") * 20
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>",
+                                                                                     "<|im_start|>", "<|im_end|>"])
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    path = tmp_path / "qwen2_tok.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    cfg = CONFIGS["qwen2"]
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(128)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index("<|endoftext|>"))
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours = hf_gguf.load_gguf_tokenizer(str(path))
+    probe = text[:400] + "<|im_start|>user\nNew words: Zürich 98765 isn't   here\n<|im_end|>"
+    ids = ours(probe)["input_ids"]
+    assert len(ids) < len(probe.encode()) / 2  # the merges were applied
+    assert ours.decode(ids) == probe
+    assert ours.convert_tokens_to_ids("<|im_start|>") in ids
+    if torch is None:
+        pytest.skip("transformers' GGUF tokenizer (the reference) needs torch")
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert ids == reference(probe)["input_ids"]
+    # The qwen2 split keeps digits apart (llama-bpe would group 3): the pre-tokenizer is really Qwen's.
+    assert len(ours("98765")["input_ids"]) == 5
