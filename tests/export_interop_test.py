@@ -8,6 +8,7 @@ config.json, and random norms exercise llama.cpp's 1 + w convention, which init'
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -193,3 +194,31 @@ def test_cli_writes_gguf_and_refuses_with_one_line_errors(llama_run, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(ValueError, match="architecture 'vit' not supported"):
         gguf_export.gguf_arch("vit")
+
+
+def test_tokenizer_of_a_gguf_sourced_run_goes_into_both_exports(llama_run, tmp_path):
+    """A run whose model came from a GGUF file exports that file's tokenizer: HF tokenizer files
+    and the GGUF's own tokenizer.* metadata. (The tiny run's weights stand in for the model.)"""
+    try:
+        source = hf_gguf.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(llama_run, "compressed"), workdir / "compressed")
+    checkpointing.write_json(str(workdir / "config.json"),
+                             {"model": {"source": "gguf", "path": source, "tokenizer": "model"}})
+    text = "The Eiffel Tower is in Paris. 123"
+    want = hf_gguf.load_gguf_tokenizer(source)(text)["input_ids"]
+
+    files = export.to_hf(str(workdir), str(tmp_path / "hf"))
+    assert "tokenizer.json" in files and "config.json" in files
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == want
+
+    assert export.to_gguf(str(workdir), str(tmp_path / "m.gguf"), "F16") == source
+    assert hf_gguf.load_gguf_tokenizer(str(tmp_path / "m.gguf"))(text)["input_ids"] == want
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    old, new = hf_gguf.GgufFile(source, keep_strings=keys), hf_gguf.GgufFile(str(tmp_path / "m.gguf"), keep_strings=keys)
+    tok = {k: v for k, v in old.fields.items() if k.startswith("tokenizer.")}
+    assert tok and tok == {k: v for k, v in new.fields.items() if k.startswith("tokenizer.")}
