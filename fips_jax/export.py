@@ -10,6 +10,14 @@ returns dense-layout params with every grouped kernel equal to U V_t. Nothing is
 
 `save` writes the directory whole or not at all (built next to it, then renamed into place) and
 refuses a tree holding a NaN or an infinity.
+
+`to_hf` / `to_gguf` materialise a finished run's compressed model (W = U V_t) for other tools:
+
+    python -m fips_jax.export --workdir=/tmp/run --to=hf --out=/tmp/run-hf [--dtype=bfloat16]
+    python -m fips_jax.export --workdir=/tmp/run --to=gguf --out=/tmp/run.gguf [--gguf_type=Q8_0]
+
+Both are dense: they run anywhere at the dense model's speed and size; only `compressed/` and
+`export_sparse`'s file keep the factored form and its memory saving.
 """
 
 from __future__ import annotations
@@ -312,6 +320,7 @@ def to_hf(workdir: str, out: str, dtype: str = "float32") -> list[str]:
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(HF_DTYPES[dtype]), params)
     tokenizer = run_tokenizer(workdir)
     extra = _tokenizer_files(tokenizer) if tokenizer is not None else {}
+    # Shards of at most 4 GiB, as HF writes them (one file for every model this repo runs on CPU).
     return checkpoint.save_pretrained(arch, params, out, max_shard_bytes=4 << 30, extra_files=extra)
 
 

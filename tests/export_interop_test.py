@@ -222,3 +222,16 @@ def test_tokenizer_of_a_gguf_sourced_run_goes_into_both_exports(llama_run, tmp_p
     old, new = hf_gguf.GgufFile(source, keep_strings=keys), hf_gguf.GgufFile(str(tmp_path / "m.gguf"), keep_strings=keys)
     tok = {k: v for k, v in old.fields.items() if k.startswith("tokenizer.")}
     assert tok and tok == {k: v for k, v in new.fields.items() if k.startswith("tokenizer.")}
+
+
+def test_gemma2_that_llama_cpp_would_run_differently_is_refused():
+    from fips_jax.models.gemma2 import Gemma2Architecture, Gemma2Config  # pylint: disable=import-outside-toplevel
+
+    tiny = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+    arch = Gemma2Architecture(Gemma2Config(**tiny, query_pre_attn_scalar=16))
+    assert gguf_export.gguf_arch("gemma2").metadata(arch.config)["attention.key_length"] == 16
+    for bad, message in [({"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24"),
+                         ({"query_pre_attn_scalar": 16, "final_logit_softcapping": None}, "soft-capping")]:
+        with pytest.raises(ValueError, match=message):
+            gguf_export.gguf_arch("gemma2").metadata(Gemma2Config(**tiny, **bad))

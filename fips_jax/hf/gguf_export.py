@@ -14,6 +14,12 @@ differs between architectures is one `GgufArch` entry in `ARCHS`:
   * norm_offset: Gemma's RMSNorm multiplies by (1 + w) and HF stores w; llama.cpp multiplies by
     the stored weight, so its converter stores 1 + w (transformers' loader subtracts 1 again).
 
+Where llama.cpp fixes what a config could vary, the export refuses rather than write a file that
+runs differently: gemma2 queries are scaled by head_dim ** -0.5 (so query_pre_attn_scalar must
+equal head_dim, or hidden/heads for the 46-layer 27B), soft-capping is always on, windows
+alternate from layer 0. transformers' GGUF loader reads neither the scalar nor the caps and uses
+Gemma-2's defaults (256, 50, 30), as the released 2B and 9B models have.
+
 Quantisation is the `gguf` package's (`gguf.quants.quantize`). As llama.cpp's converter does,
 1-D tensors (norms, biases) stay float32, and a tensor whose rows are not whole blocks of the
 chosen type is stored float16 instead.
@@ -62,19 +68,19 @@ def _gemma2_metadata(cfg: Any) -> dict[str, Any]:
     if float(cfg.query_pre_attn_scalar) != float(scalar):
         raise ValueError(f"GGUF export: gemma2 query_pre_attn_scalar={cfg.query_pre_attn_scalar} but llama.cpp "
                          f"scales queries by {scalar} ** -0.5 (head_dim, or hidden/heads for 46 layers)")
-    types = set(cfg.layer_types)
     want = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers))
     if cfg.sliding_window is not None and tuple(cfg.layer_types) != want:
-        raise ValueError(f"GGUF export: gemma2 layer_types {sorted(types)} must alternate sliding/full from layer 0 "
-                         "(llama.cpp's fixed gemma2 pattern)")
-    meta = {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
-    if cfg.sliding_window is not None:
-        meta["attention.sliding_window"] = cfg.sliding_window
-    if cfg.attn_logit_softcapping is not None:
-        meta["attn_logit_softcapping"] = float(cfg.attn_logit_softcapping)
-    if cfg.final_logit_softcapping is not None:
-        meta["final_logit_softcapping"] = float(cfg.final_logit_softcapping)
-    return meta
+        raise ValueError(f"GGUF export: gemma2 layer_types {list(cfg.layer_types)} must alternate sliding/full "
+                         "from layer 0 (llama.cpp's fixed gemma2 pattern)")
+    caps = {"attn_logit_softcapping": cfg.attn_logit_softcapping, "final_logit_softcapping": cfg.final_logit_softcapping}
+    if None in caps.values():
+        raise ValueError(f"GGUF export: gemma2 without soft-capping ({caps}): llama.cpp's gemma2 always caps")
+    return {
+        "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+        # No window is a window as long as the context (llama.cpp's gemma2 always windows even layers).
+        "attention.sliding_window": cfg.sliding_window or cfg.max_position_embeddings,
+        **{k: float(v) for k, v in caps.items()},
+    }
 
 
 @dataclasses.dataclass(frozen=True)
