@@ -235,3 +235,23 @@ def test_gemma2_that_llama_cpp_would_run_differently_is_refused():
                          ({"query_pre_attn_scalar": 16, "final_logit_softcapping": None}, "soft-capping")]:
         with pytest.raises(ValueError, match=message):
             gguf_export.gguf_arch("gemma2").metadata(Gemma2Config(**tiny, **bad))
+
+
+def test_gguf_file_is_replaced_whole_or_not_at_all(gemma2_run, tmp_path, monkeypatch):
+    out = tmp_path / "m.gguf"
+    export.to_gguf(gemma2_run, str(out), "F32")
+    before = out.read_bytes()
+    (tmp_path / ".tmp-m.gguf-999").write_bytes(b"left by a killed export")
+    calls = []
+
+    def failing(data, qtype, real=gguf_export.gguf.quants.quantize):
+        calls.append(qtype)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf_export.gguf.quants, "quantize", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.to_gguf(gemma2_run, str(out), "F16")
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

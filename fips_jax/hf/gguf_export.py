@@ -213,7 +213,10 @@ def write_gguf(path: str, arch: base.Architecture, params: dict, qtype: str = "F
     tensors = gguf_tensors(arch, params)  # everything checked before a byte is written
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    prefix = f".tmp-{os.path.basename(path)}-"
+    for stale in [n for n in os.listdir(folder) if n.startswith(prefix)]:  # left by a killed export
+        os.remove(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, spec.name)
     try:
         if name:
