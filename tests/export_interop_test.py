@@ -185,13 +185,12 @@ def test_cli_writes_gguf_and_refuses_with_one_line_errors(llama_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "tokenizer.ggml.model=none" in r.stdout and out.exists()
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
-    for args, message in [
-        ((f"--workdir={tmp_path}", "--to=hf", f"--out={tmp_path / 'x'}"), "has no compressed model"),
-        ((f"--workdir={llama_run}", "--to=gguf", f"--out={out}", "--gguf_type=Q3_X"), "GGUF type 'Q3_X' not supported"),
-    ]:
-        r = _cli(*args)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli(f"--workdir={tmp_path}", "--to=hf", f"--out={tmp_path / 'x'}")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "has no compressed model" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # The CLI prints every ValueError this way; checked in-process to spare a start-up.
+    with pytest.raises(ValueError, match="GGUF type 'Q3_X' not supported; the gguf package writes .*Q8_0"):
+        export.to_gguf(llama_run, str(out), "Q3_X")
     with pytest.raises(ValueError, match="architecture 'vit' not supported"):
         gguf_export.gguf_arch("vit")
 
