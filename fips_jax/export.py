@@ -1,4 +1,4 @@
-"""The compressed model on disk: an Orbax checkpoint plus a JSON manifest.
+"""The compressed model on disk (an Orbax checkpoint plus a JSON manifest), and its export for interop.
 
     <dir>/params/      Orbax: {"base": dense params without the grouped MLP kernels,
                                "fips": {"g00": {"u", "v", "bias"?}, ...}}
@@ -10,6 +10,14 @@ returns dense-layout params with every grouped kernel equal to U V_t. Nothing is
 
 `save` writes the directory whole or not at all (built next to it, then renamed into place) and
 refuses a tree holding a NaN or an infinity.
+
+`to_hf` / `to_gguf` materialise a finished run's compressed model (W = U V_t) for other tools:
+
+    python -m fips_jax.export --workdir=/tmp/run --to=hf --out=/tmp/run-hf [--dtype=bfloat16]
+    python -m fips_jax.export --workdir=/tmp/run --to=gguf --out=/tmp/run.gguf [--gguf_type=Q8_0]
+
+Both are dense: they run anywhere at the dense model's speed and size; only `compressed/` and
+`export_sparse`'s file keep the factored form and its memory saving.
 """
 
 from __future__ import annotations
@@ -227,3 +235,160 @@ def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -
     if problems:
         raise ValueError(f"{where}: compressed params do not match {arch.name}: " + "; ".join(problems[:20]))
     return arch, params
+
+
+# ---- Export for interop: the compressed model materialised (W = U V_t) in formats other tools load.
+
+HF_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+def _compressed_dir(workdir: str) -> str:
+    directory = os.path.join(workdir, "compressed")
+    if not os.path.exists(os.path.join(directory, "manifest.json")):
+        raise FileNotFoundError(f"workdir {workdir} has no compressed model ({directory}/manifest.json is "
+                                "missing): run the pipeline to the end first")
+    return directory
+
+
+def run_model_config(workdir: str) -> dict:
+    """The `model` section of the run's config.json ({} when the workdir has none)."""
+    path = os.path.join(workdir, "config.json")
+    return dict(checkpointing.read_json(path).get("model", {})) if os.path.exists(path) else {}
+
+
+def _source_gguf(model: dict) -> str | None:
+    """The GGUF file the run's model and tokenizer came from (None for other sources)."""
+    if model.get("source") != "gguf" or model.get("tokenizer", "model") != "model":
+        return None
+    from fips_jax.hf import gguf  # pylint: disable=import-outside-toplevel
+
+    return os.path.expanduser(model.get("path") or "") or gguf.smollm2_gguf_path()
+
+
+def run_tokenizer(workdir: str) -> Any:
+    """The run's own tokenizer as a transformers tokenizer, or None for a run without one
+    (byte-tokenizer tiny models, ViTs): `model.tokenizer=model` of an hf or gguf source."""
+    model = run_model_config(workdir)
+    if model.get("tokenizer", "model") != "model" or model.get("source") not in ("hf", "gguf"):
+        return None
+    if model["source"] == "gguf":
+        from fips_jax.hf import gguf  # pylint: disable=import-outside-toplevel
+
+        return gguf.load_gguf_tokenizer(_source_gguf(model))
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+    folder = checkpoint.resolve(os.path.expanduser(model["path"]))
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model")):
+        return None  # e.g. a vision checkpoint
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files `tokenizer.save_pretrained` writes, as bytes (written with the weights, atomically)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        out = {}
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def _materialised(workdir: str) -> tuple[base.Architecture, dict]:
+    arch, params, _ = load(_compressed_dir(workdir))
+    check_finite(params, where=workdir)
+    return arch, params
+
+
+def to_hf(workdir: str, out: str, dtype: str = "float32") -> list[str]:
+    """A run's compressed model as an HF folder at `out`: config.json, safetensors with every
+    grouped kernel materialised (W = U V_t) in `dtype`, and the run's tokenizer files when it has
+    a tokenizer. Any family of `hf.checkpoint.FAMILIES`. The folder appears whole or not at all.
+    Returns the files written."""
+    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; supported: {sorted(HF_DTYPES)}")
+    manifest = checkpointing.read_json(os.path.join(_compressed_dir(workdir), "manifest.json"))
+    checkpoint.family(manifest.get("architecture"))  # an unsupported family fails before the params are read
+    arch, params = _materialised(workdir)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(HF_DTYPES[dtype]), params)
+    tokenizer = run_tokenizer(workdir)
+    extra = _tokenizer_files(tokenizer) if tokenizer is not None else {}
+    # Shards of at most 4 GiB, as HF writes them (one file for every model this repo runs on CPU).
+    return checkpoint.save_pretrained(arch, params, out, max_shard_bytes=4 << 30, extra_files=extra)
+
+
+def to_gguf(workdir: str, out: str, gguf_type: str = "F32") -> str | None:
+    """A run's compressed model as one GGUF file at `out` (llama.cpp), 2-D tensors in
+    `gguf_type` (F32, F16, Q8_0, ...). Tokenizer metadata is copied from the run's source GGUF;
+    returns that file, or None when the GGUF carries no vocabulary (see `gguf_export.write_gguf`)."""
+    from fips_jax.hf import gguf_export  # pylint: disable=import-outside-toplevel
+
+    gguf_export.qtype_of(gguf_type)
+    manifest = checkpointing.read_json(os.path.join(_compressed_dir(workdir), "manifest.json"))
+    gguf_export.gguf_arch(manifest.get("architecture"))  # before the params are read
+    model = run_model_config(workdir)
+    source = _source_gguf(model)
+    if source is None and model.get("source") == "hf" and model.get("tokenizer", "model") == "model":
+        raise ValueError("GGUF export of an hf-sourced run: its tokenizer cannot be converted to GGUF metadata "
+                         "here; export --to=hf and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    arch, params = _materialised(workdir)
+    gguf_export.write_gguf(out, arch, params, gguf_type, tokenizer_gguf=source,
+                           name=os.path.basename(os.path.normpath(workdir)))
+    return source
+
+
+def main(argv):
+    import sys  # pylint: disable=import-outside-toplevel
+
+    from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # no Orbax INFO chatter
+    f = flags.FLAGS
+    try:
+        if f.to == "hf":
+            files = to_hf(f.workdir, f.out, f.dtype or "float32")
+            note = "" if any(n.startswith("tokenizer") for n in files) else " (the run has no tokenizer: none written)"
+            print(f"wrote {f.out}: {', '.join(files)}{note}")
+        else:
+            if f.dtype:
+                raise ValueError("--dtype is for --to=hf; a GGUF's tensor type is --gguf_type")
+            source = to_gguf(f.workdir, f.out, f.gguf_type)
+            note = f"tokenizer from {source}" if source else "no vocabulary (tokenizer.ggml.model=none)"
+            print(f"wrote {f.out} ({f.gguf_type}, {os.path.getsize(f.out)} bytes, {note})")
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv):
+    import sys  # pylint: disable=import-outside-toplevel
+
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A finished run's workdir (holding compressed/).")
+    flags.DEFINE_enum("to", None, ["hf", "gguf"], "hf: an HF folder; gguf: one llama.cpp file.")
+    flags.DEFINE_string("out", None, "The folder (hf) or .gguf file (gguf) to write.")
+    flags.DEFINE_enum("dtype", None, sorted(HF_DTYPES), "hf: the weights' dtype (default float32).")
+    flags.DEFINE_string("gguf_type", "F32", "gguf: type of the 2-D tensors, F32, F16, Q8_0 or another type "
+                        "the gguf package quantises to (1-D tensors stay F32).")
+    flags.mark_flags_as_required(["workdir", "to", "out"])
+    app.run(main, flags_parser=_parse_flags)

@@ -100,11 +100,13 @@ def _dtype_name(params: dict) -> str:
 
 
 def save_pretrained(
-    arch: base.Architecture, params: dict, out_dir: str, max_shard_bytes: int | None = None
+    arch: base.Architecture, params: dict, out_dir: str, max_shard_bytes: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> list[str]:
     """Write `config.json` and HF-layout safetensors that transformers (and `load_pretrained`) load.
 
     max_shard_bytes: split into index + shards above this size. Returns the files written.
+    extra_files: {name: bytes} written in the same folder, in the same atomic step (tokenizer files).
     The folder (weights and config together) appears whole or not at all, see
     `safetensors_io.save_checkpoint`; other files already in `out_dir` are kept.
     """
@@ -113,4 +115,5 @@ def save_pretrained(
     # "dtype" for current transformers, "torch_dtype" for older releases.
     hf = {**fam.config_to_hf(arch.config), "dtype": _dtype_name(params), "torch_dtype": _dtype_name(params)}
     config = json.dumps(hf, indent=2, sort_keys=True).encode()
-    return safetensors_io.save_checkpoint(out_dir, tensors, max_shard_bytes, extra_files={CONFIG_FILE: config})
+    return safetensors_io.save_checkpoint(out_dir, tensors, max_shard_bytes,
+                                          extra_files={**(extra_files or {}), CONFIG_FILE: config})
