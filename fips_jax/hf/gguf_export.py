@@ -83,6 +83,18 @@ def _gemma2_metadata(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _qwen_metadata(cfg: Any) -> dict[str, Any]:
+    # llama.cpp's qwen2/qwen3 graphs attend over every position; a sliding-window layer would run
+    # differently there.
+    if cfg.sliding_window is not None and "sliding_attention" in tuple(cfg.layer_types):
+        raise ValueError(f"GGUF export: {cfg.MODEL_TYPE} with sliding-window layers is not supported "
+                         "(llama.cpp's graph attends over every position)")
+    if cfg.rope_scaling is not None:
+        raise ValueError(f"GGUF export: {cfg.MODEL_TYPE} rope scaling {cfg.rope_scaling.rope_type!r} not supported")
+    # key_length carries an explicit head_dim (Qwen3's is not hidden // heads); the importer reads it.
+    return {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
+
+
 @dataclasses.dataclass(frozen=True)
 class GgufArch:
     """How one fips_jax architecture (a `checkpoint.FAMILIES` key) is written for llama.cpp.
@@ -106,6 +118,8 @@ class GgufArch:
 ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, _llama_metadata, permute_qk=True),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, norm_offset=1.0),
+    "qwen2": GgufArch(gguf.MODEL_ARCH.QWEN2, _qwen_metadata),
+    "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3, _qwen_metadata),
 }
 
 
