@@ -1,8 +1,9 @@
-"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2).
+"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2, Gemma-3).
 
-Llama and Gemma-2 differ only in a handful of switches (norm offset, post-norms, embedding
-scale, soft-capping, sliding windows, activation), so both are one `CausalLM` module driven by a
-frozen `DecoderSpec`; `llama.py` and `gemma2.py` translate their HF-shaped configs into a spec.
+Llama and the Gemmas differ only in a handful of switches (norm offset, post-norms, embedding
+scale, soft-capping, sliding windows, activation, q/k norms, a RoPE base for local layers), so all
+are one `CausalLM` module driven by a frozen `DecoderSpec`; `llama.py`, `gemma2.py` and
+`gemma3.py` translate their HF-shaped configs into a spec.
 
 Shapes: B batch, T query length, S key length (= T, no cache), d model width, H query heads,
 K key/value heads (H % K == 0, GQA), G = H // K, hd head dim, p MLP width, V vocabulary.
@@ -12,11 +13,12 @@ Param tree (slash-joined, flax `[in, out]` kernels):
     blocks_{i}/pre_attn_norm/scale       [d]        ("embed",)
     blocks_{i}/attn/{q,k,v}/kernel       [d, H*hd] / [d, K*hd]
     blocks_{i}/attn/o/kernel             [H*hd, d]
-    blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2 only)
+    blocks_{i}/attn/{q,k}_norm/scale     [hd]       ("head_dim",) (Gemma-3 only)
+    blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2/3 only)
     blocks_{i}/pre_mlp_norm/scale        [d]
     blocks_{i}/mlp/{gate,up}/kernel      [d, p]     ("embed", "mlp")
     blocks_{i}/mlp/down/kernel           [p, d]     ("mlp", "embed")
-    blocks_{i}/post_mlp_norm/scale       [d]        (Gemma-2 only)
+    blocks_{i}/post_mlp_norm/scale       [d]        (Gemma-2/3 only)
     final_norm/scale                     [d]
     lm_head/kernel                       [d, V]     (untied embeddings only)
 """
@@ -140,6 +142,9 @@ class DecoderSpec:
     layer_windows: per layer, the sliding-window length (keys with q_pos - k_pos < window are
       visible) or None for global causal attention.
     norm_unit_offset: True for Gemma's RMSNorm, which scales by (1 + w) and stores w.
+    qk_norm: RMS-normalise every query and key head (over hd) before RoPE (Gemma-3).
+    local_rope_theta: RoPE base of the sliding-window layers, which then use no frequency
+      scaling (Gemma-3: 10k locally, 1M and `rope_scaling` globally); None = as global layers.
     """
 
     vocab_size: int
@@ -162,6 +167,8 @@ class DecoderSpec:
     scale_embeddings: bool = False
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    qk_norm: bool = False
+    local_rope_theta: float | None = None
 
     @property
     def num_layers(self) -> int:
@@ -210,11 +217,13 @@ class RMSNorm(nn.Module):
     unit_offset: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    axis_name: str = "embed"  # logical name of the normalised axis ("head_dim" for q/k norms)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
-        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+        axes = (self.axis_name,)
+        scale = self.param("scale", nn.with_logical_partitioning(init, axes), (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.unit_offset:
@@ -240,8 +249,14 @@ class Attention(nn.Module):
         q = dense(s.num_heads * hd, ("embed", "heads"), "q")(x).reshape(b, t, s.num_heads, hd)
         k = dense(k_heads * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, k_heads, hd)
         v = dense(k_heads * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, k_heads, hd)
+        if s.qk_norm:
+            norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, "head_dim", name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
 
-        inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
+        if self.window is not None and s.local_rope_theta is not None:
+            inv_freq = rope_inv_freq(hd, s.local_rope_theta, None)
+        else:
+            inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
         q = apply_rope(q, ctx.positions, inv_freq)
         k = apply_rope(k, ctx.positions, inv_freq)
 
@@ -277,7 +292,7 @@ class GatedMlp(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm attention + gated MLP, with Gemma-2's optional post-norms.
+    """Pre-norm attention + gated MLP, with Gemma's optional post-norms.
 
     x: [B, T, d] -> (block output [B, T, d], MLP input [B, T, d] = pre-MLP-norm output).
     """
