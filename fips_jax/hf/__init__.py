@@ -6,4 +6,5 @@
     llama, gemma2,   decoder family modules (config + key map); vit, swin: vision families
     gemma3
     gguf_file, gguf  GGUF parsing and the llama GGUF importer (dequantised to float32)
+    gguf_gemma       Gemma-2/3 GGUF tensor names, config reader and norm-weight transform
 """
