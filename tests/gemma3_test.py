@@ -189,26 +189,17 @@ def test_local_layers_use_the_window_and_their_own_rope():
     assert np.abs(ref).max() < 3.0 < capped
 
 
-def test_apply_is_the_staged_composition_with_qk_norms():
+def test_qk_norm_params_scaled_embeddings_and_tied_head():
+    # The staged view itself is checked against transformers' per-layer hidden states above.
     arch = Gemma3Architecture(Gemma3Config(**TINY))
     params = _random_params(arch, seed=1, scale=0.1)
     assert params["blocks_0"]["attn"]["q_norm"]["scale"].shape == (16,)
     assert arch.logical_axes()["blocks_0"]["attn"]["k_norm"]["scale"] == jax.sharding.PartitionSpec("head_dim")
     tokens = jnp.asarray(_tokens())
-    hidden, ctx = arch.embed(params, tokens)
+    hidden, _ = arch.embed(params, tokens)
     np.testing.assert_allclose(
         np.asarray(hidden), np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] * np.sqrt(32), rtol=1e-6
     )
-
-    @jax.jit
-    def staged(params, tokens):
-        hidden, ctx = arch.embed(params, tokens)
-        for i in range(arch.num_blocks):
-            hidden, _ = arch.block(params, i, hidden, ctx)
-        return arch.head(params, hidden, ctx)
-
-    np.testing.assert_allclose(np.asarray(staged(params, tokens)), np.asarray(jax.jit(arch.apply)(params, tokens)),
-                               atol=1e-5)
     assert arch.mlp_spec.activation == "gelu_tanh" and arch.mlp_spec.gated and not arch.mlp_spec.has_bias
     assert "lm_head" not in params  # tied
 
