@@ -2,13 +2,13 @@
 weights as 1 + w, no Q/K permutation) from random tiny HF models; the HF-named tensors and the
 config we read back are compared with the HF model and with transformers' own GGUF loader."""
 
+import gguf
 import numpy as np
 import pytest
 
 from fips_jax.hf import checkpoint, convert, gguf_gemma
 from fips_jax.hf.gguf_file import GgufFile
 
-gguf = pytest.importorskip("gguf")
 try:  # transformers' GGUF loader and the reference models need torch; the rest does not
     import torch
     import transformers
