@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from fips_jax import config_base, export, pipeline
 from fips_jax.evaluators import perplexity
 from fips_jax.hf import checkpoint
+from fips_jax.hf import gemma3 as hf_gemma3
 from fips_jax.models import base, registry
 from fips_jax.models import decoder_common as dc
 from fips_jax.models.gemma3 import Gemma3Architecture, Gemma3Config
@@ -170,6 +171,13 @@ def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
         arch, params = checkpoint.load_pretrained(str(folder))
         assert arch.config == Gemma3Config(**TINY)
         np.testing.assert_allclose(np.asarray(arch.apply(params, jnp.asarray(_tokens()))), want, atol=1e-6)
+    # An untied head sits beside the text model in either layout.
+    untied = Gemma3Config(**{**TINY, "tie_word_embeddings": False})
+    for prefix, head in (("language_model.model.", "language_model.lm_head.weight"),
+                         ("model.language_model.", "lm_head.weight")):
+        names = {e.flax_path: e.hf_key for e in hf_gemma3.checkpoint_key_map(untied, [prefix + "embed_tokens.weight"])}
+        assert names["lm_head/kernel"] == head
+        assert names["blocks_6/attn/q_norm/scale"] == prefix + "layers.6.self_attn.q_norm.weight"
 
 
 def test_local_layers_use_the_window_and_their_own_rope():

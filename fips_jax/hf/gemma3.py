@@ -21,8 +21,9 @@ from fips_jax.hf.gemma2 import NORMS
 from fips_jax.hf.llama import ROTARY_BUFFERS, decoder_key_map
 from fips_jax.models.gemma3 import Gemma3Architecture, Gemma3Config
 
-# Where a multimodal checkpoint keeps the text model's `model.` (embeddings, layers, final norm).
-MULTIMODAL_PREFIXES = ("language_model.model.", "model.language_model.")
+# Where a multimodal checkpoint keeps the text model's `model.` (embeddings, layers, final norm),
+# and what goes before an untied `lm_head.weight` there.
+MULTIMODAL_PREFIXES = {"language_model.model.": "language_model.", "model.language_model.": ""}
 _VISION = r"^(model\.)?(vision_tower|multi_modal_projector)\."
 
 
@@ -46,10 +47,12 @@ def checkpoint_key_map(cfg: Gemma3Config, keys: Iterable[str]) -> list[KeyMapEnt
     """`key_map` renamed to the layout of a checkpoint holding `keys` (text-only or multimodal)."""
     keys = set(keys)
     entries = key_map(cfg)
-    for prefix in MULTIMODAL_PREFIXES:
+    for prefix, head in MULTIMODAL_PREFIXES.items():
         if f"{prefix}embed_tokens.weight" in keys:
-            head = {"language_model.model.": "language_model.lm_head.", "model.language_model.": "lm_head."}[prefix]
-            rename = lambda k: prefix + k[len("model."):] if k.startswith("model.") else head + k[len("lm_head."):]
+
+            def rename(key: str) -> str:
+                return prefix + key.removeprefix("model.") if key.startswith("model.") else head + key
+
             return [KeyMapEntry(e.flax_path, rename(e.hf_key), e.transform) for e in entries]
     return entries
 

@@ -250,7 +250,9 @@ class Attention(nn.Module):
         k = dense(k_heads * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, k_heads, hd)
         v = dense(k_heads * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, k_heads, hd)
         if s.qk_norm:
-            norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, "head_dim", name=name)
+            # Per head, over hd: Gemma-3 normalises queries and keys before RoPE.
+            norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, "head_dim",
+                                        name=name)
             q, k = norm("q_norm")(q), norm("k_norm")(k)
 
         if self.window is not None and s.local_rope_theta is not None:

@@ -71,7 +71,9 @@ class Gemma2Config:
         """The dataclass fields found in an HF config dict, checked; `rope_fields` are left to the caller."""
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in _GELU_TANH_NAMES:
-            raise ValueError(f"{cls.model_type} hidden_activation {act!r} not supported; expected one of {_GELU_TANH_NAMES}")
+            raise ValueError(
+                f"{cls.model_type} hidden_activation {act!r} not supported; expected one of {_GELU_TANH_NAMES}"
+            )
         if hf.get("use_bidirectional_attention"):
             raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
         fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
