@@ -56,7 +56,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("kv_heads", "tensor"),
-    ("head_dim", None),             # per-head q/k norm scales [hd] (Qwen3)
+    ("head_dim", None),             # per-head q/k norm scales [hd] (Qwen3, Gemma-3): tiny, replicated
     ("vocab", "tensor"),
     ("classes", None),
     ("block", None),

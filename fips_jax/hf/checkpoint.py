@@ -7,6 +7,8 @@
     key_map(cfg: Config) -> list[convert.KeyMapEntry]       # every param, flax path <-> HF key
     build_architecture(cfg: Config, dtype=jnp.float32) -> base.Architecture
     ignored_keys(cfg: Config) -> tuple[str, ...]            # optional: regexes of HF keys to skip
+    checkpoint_key_map(cfg, keys) -> list[KeyMapEntry]      # optional: key_map renamed to the layout
+                                                            # of a checkpoint holding `keys` (loading)
 
 and the architecture it builds must have `arch.name` equal to a `FAMILIES` key that maps back to
 the same module (used by `save_pretrained`). Registering a family is one entry in `FAMILIES`.
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax.hf import convert, gemma2, llama, qwen2, qwen3, safetensors_io, swin, vit
+from fips_jax.hf import convert, gemma2, gemma3, llama, qwen2, qwen3, safetensors_io, swin, vit
 from fips_jax.models import base
 
 FAMILIES: dict[str, ModuleType] = {
@@ -30,6 +32,8 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma2": gemma2,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "gemma3_text": gemma3,
+    "gemma3": gemma3,  # multimodal checkpoints: the text tower, saved back as "gemma3_text"
     "vit": vit,
     "deit": vit,  # DeiT checkpoints build a "vit" architecture (distillation token optional)
     "swin": swin,
@@ -90,7 +94,8 @@ def load_pretrained(
     arch = fam.build_architecture(cfg, dtype=dtype)
     reader = safetensors_io.SafetensorsReader(folder)
     shapes = convert.expected_shapes(arch.init)
-    params = convert.load_params(reader, fam.key_map(cfg), shapes, dtype, _ignored(fam, cfg), place)
+    key_map = fam.checkpoint_key_map(cfg, reader.keys()) if hasattr(fam, "checkpoint_key_map") else fam.key_map(cfg)
+    params = convert.load_params(reader, key_map, shapes, dtype, _ignored(fam, cfg), place)
     return arch, params
 
 

@@ -14,7 +14,7 @@ from fips_jax.hf.convert import KeyMapEntry
 from fips_jax.hf.llama import ROTARY_BUFFERS, decoder_key_map
 from fips_jax.models.gemma2 import Gemma2Architecture, Gemma2Config
 
-_NORMS = {
+NORMS = {
     "pre_attn_norm": "input_layernorm",
     "post_attn_norm": "post_attention_layernorm",
     "pre_mlp_norm": "pre_feedforward_layernorm",
@@ -31,7 +31,7 @@ def config_to_hf(cfg: Gemma2Config) -> dict[str, Any]:
 
 
 def key_map(cfg: Gemma2Config) -> list[KeyMapEntry]:
-    return decoder_key_map(cfg.num_hidden_layers, _NORMS, cfg.attention_bias, False, cfg.tie_word_embeddings)
+    return decoder_key_map(cfg.num_hidden_layers, NORMS, cfg.attention_bias, False, cfg.tie_word_embeddings)
 
 
 def ignored_keys(cfg: Gemma2Config) -> tuple[str, ...]:

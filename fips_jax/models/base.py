@@ -1,6 +1,6 @@
 """What the FiPS pipeline needs from a model architecture.
 
-Every architecture (ViT/DeiT, Swin, Llama-3, Gemma-2) is a linen module plus an
+Every architecture (ViT/DeiT, Swin, Llama-3, Gemma-2/3) is a linen module plus an
 `Architecture` object that exposes the model as three stages, so that calibration can
 stream block by block without ever holding every layer's activations:
 

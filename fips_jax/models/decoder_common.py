@@ -1,9 +1,9 @@
-"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2, Qwen2/2.5, Qwen3).
+"""Shared linen pieces of the causal decoders (Llama-3, Gemma-2, Gemma-3, Qwen2/2.5, Qwen3).
 
 The families differ only in a handful of switches (norm offset, post-norms, embedding scale,
-soft-capping, sliding windows, activation, q/k/v biases, per-head q/k norms), so all are one
-`CausalLM` module driven by a frozen `DecoderSpec`; `llama.py`, `gemma2.py`, `qwen2.py` and
-`qwen3.py` translate their HF-shaped configs into a spec.
+soft-capping, sliding windows, activation, q/k/v biases, per-head q/k norms, a RoPE base for
+local layers), so all are one `CausalLM` module driven by a frozen `DecoderSpec`; `llama.py`,
+`gemma2.py`, `gemma3.py`, `qwen2.py` and `qwen3.py` translate their HF-shaped configs into a spec.
 
 Shapes: B batch, T query length, S key length (= T, no cache), d model width, H query heads,
 K key/value heads (H % K == 0, GQA), G = H // K, hd head dim, p MLP width, V vocabulary.
@@ -13,13 +13,13 @@ Param tree (slash-joined, flax `[in, out]` kernels):
     blocks_{i}/pre_attn_norm/scale       [d]        ("embed",)
     blocks_{i}/attn/{q,k,v}/kernel       [d, H*hd] / [d, K*hd]
     blocks_{i}/attn/{q,k,v}/bias         [H*hd] / [K*hd]  (attn_bias or qkv_bias: Qwen2)
-    blocks_{i}/attn/{q,k}_norm/scale     [hd]       ("head_dim",)  (qk_norm: Qwen3)
+    blocks_{i}/attn/{q,k}_norm/scale     [hd]       ("head_dim",)  (qk_norm: Qwen3, Gemma-3)
     blocks_{i}/attn/o/kernel             [H*hd, d]
-    blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2 only)
+    blocks_{i}/post_attn_norm/scale      [d]        (Gemma-2/3 only)
     blocks_{i}/pre_mlp_norm/scale        [d]
     blocks_{i}/mlp/{gate,up}/kernel      [d, p]     ("embed", "mlp")
     blocks_{i}/mlp/down/kernel           [p, d]     ("mlp", "embed")
-    blocks_{i}/post_mlp_norm/scale       [d]        (Gemma-2 only)
+    blocks_{i}/post_mlp_norm/scale       [d]        (Gemma-2/3 only)
     final_norm/scale                     [d]
     lm_head/kernel                       [d, V]     (untied embeddings only)
 """
@@ -144,7 +144,10 @@ class DecoderSpec:
       visible) or None for global causal attention.
     norm_unit_offset: True for Gemma's RMSNorm, which scales by (1 + w) and stores w.
     attn_bias: biases on all four attention projections; qkv_bias: on q, k and v only (Qwen2).
-    qk_norm: RMSNorm over each head's hd features of q and k, before RoPE (Qwen3).
+    qk_norm: RMSNorm over each head's hd features of q and k, before RoPE (Qwen3; Gemma-3 with
+      the unit offset).
+    local_rope_theta: RoPE base of the sliding-window layers, which then use no frequency
+      scaling (Gemma-3: 10k locally, 1M and `rope_scaling` globally); None = as global layers.
     """
 
     vocab_size: int
@@ -169,6 +172,7 @@ class DecoderSpec:
     scale_embeddings: bool = False
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    local_rope_theta: float | None = None
 
     @property
     def num_layers(self) -> int:
@@ -218,7 +222,7 @@ class RMSNorm(nn.Module):
     unit_offset: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    axis: str = "embed"
+    axis: str = "embed"  # logical name of the normalised axis ("head_dim" for q/k norms)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -251,11 +255,15 @@ class Attention(nn.Module):
         k = dense(k_heads * hd, ("embed", "kv_heads"), qkv_bias, "k")(x).reshape(b, t, k_heads, hd)
         v = dense(k_heads * hd, ("embed", "kv_heads"), qkv_bias, "v")(x).reshape(b, t, k_heads, hd)
         if s.qk_norm:
+            # Per head, over hd, before RoPE (Qwen3; Gemma-3 with its 1 + w scale).
             norm = lambda name: RMSNorm(s.norm_eps, s.norm_unit_offset, self.dtype, self.param_dtype, "head_dim",
                                         name=name)
             q, k = norm("q_norm")(q), norm("k_norm")(k)
 
-        inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
+        if self.window is not None and s.local_rope_theta is not None:
+            inv_freq = rope_inv_freq(hd, s.local_rope_theta, None)
+        else:
+            inv_freq = rope_inv_freq(hd, s.rope_theta, s.rope_scaling)
         q = apply_rope(q, ctx.positions, inv_freq)
         k = apply_rope(k, ctx.positions, inv_freq)
 
@@ -291,7 +299,7 @@ class GatedMlp(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm attention + gated MLP, with Gemma-2's optional post-norms.
+    """Pre-norm attention + gated MLP, with Gemma's optional post-norms.
 
     x: [B, T, d] -> (block output [B, T, d], MLP input [B, T, d] = pre-MLP-norm output).
     """

@@ -12,7 +12,7 @@ Differences from Llama, all switches of the shared `decoder_common.CausalLM`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from fips_jax.models import decoder_common as dc
 
@@ -20,14 +20,18 @@ _GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def default_layer_types(num_layers: int) -> tuple[str, ...]:
-    """Gemma-2's pattern: even layers local (sliding), odd layers global."""
-    return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers))
+def default_layer_types(num_layers: int, pattern: int = 2) -> tuple[str, ...]:
+    """Every `pattern`-th layer global, the others local (sliding), as HF's default: Gemma-2
+    (pattern 2) alternates local/global, Gemma-3 (pattern 6) has 5 local layers per global one."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
 
 
 @dataclasses.dataclass(frozen=True)
 class Gemma2Config:
     """Gemma-2 hyper-parameters with HF field names; `layer_types` defaults to alternating."""
+
+    model_type: ClassVar[str] = "gemma2"
+    sliding_window_pattern: ClassVar[int] = 2
 
     vocab_size: int = 256000
     hidden_size: int = 2304
@@ -51,30 +55,39 @@ class Gemma2Config:
     pad_token_id: int | None = 0
 
     def __post_init__(self):
+        name = self.model_type
         if self.layer_types is None:
-            object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
+            types = default_layer_types(self.num_hidden_layers, self.sliding_window_pattern)
+            object.__setattr__(self, "layer_types", types)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"gemma2: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+            raise ValueError(f"{name}: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
-            raise ValueError(f"gemma2: layer types {bad} not supported; supported: {list(LAYER_TYPES)}")
+            raise ValueError(f"{name}: layer types {bad} not supported; supported: {list(LAYER_TYPES)}")
+
+    @classmethod
+    def hf_kwargs(cls, hf: dict[str, Any], rope_fields: tuple[str, ...]) -> dict[str, Any]:
+        """The dataclass fields found in an HF config dict, checked; `rope_fields` are left to the caller."""
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in _GELU_TANH_NAMES:
+            raise ValueError(
+                f"{cls.model_type} hidden_activation {act!r} not supported; expected one of {_GELU_TANH_NAMES}"
+            )
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
+        kwargs = {k: hf[k] for k in fields if k in hf}
+        kwargs.update(dc.hf_token_ids(hf))
+        return kwargs
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "Gemma2Config":
         """From an HF `config.json` dict (model_type "gemma2")."""
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in _GELU_TANH_NAMES:
-            raise ValueError(f"gemma2 hidden_activation {act!r} not supported; expected one of {_GELU_TANH_NAMES}")
-        if hf.get("use_bidirectional_attention"):
-            raise ValueError("gemma2 use_bidirectional_attention=True not supported (causal LM only)")
         theta, scaling = dc.rope_from_hf(hf)
         if scaling is not None:
             raise ValueError(f"gemma2 rope scaling {scaling} not supported")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta"}
-        kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(dc.hf_token_ids(hf))
-        return cls(**kwargs, rope_theta=theta)
+        return cls(**cls.hf_kwargs(hf, ("rope_theta",)), rope_theta=theta)
 
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that `transformers.Gemma2ForCausalLM` loads."""

@@ -1,0 +1,242 @@
+"""Gemma-3 text model: config reading (hub, current transformers and multimodal layouts), MLP
+and whole-model parity with transformers over local and global layers (window shorter than the
+sequence, linearly scaled global RoPE, final soft-cap), the HF round trip, the text tower of a
+multimodal checkpoint, the staged view, and FiPS end to end on a random tiny Gemma-3."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from fips_jax import config_base, export, pipeline
+from fips_jax.evaluators import perplexity
+from fips_jax.hf import checkpoint
+from fips_jax.hf import gemma3 as hf_gemma3
+from fips_jax.models import base, registry
+from fips_jax.models import decoder_common as dc
+from fips_jax.models.gemma3 import Gemma3Architecture, Gemma3Config
+
+try:  # the HF parity tests build torch models; every other test here runs without torch
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
+
+T = 12
+# 7 layers with HF's default pattern: layer 5 is global, the other six local; the window (4)
+# is shorter than the sequence (12) so it hides keys; the global layers' RoPE is scaled.
+TINY = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=7, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+    sliding_window=4, rope_theta=1000.0, rope_local_base_freq=100.0,
+    rope_scaling=dc.RopeScaling("linear", 4.0), final_logit_softcapping=3.0,
+)
+# google/gemma-3-1b-pt's config.json as released (legacy rope keys, no layer_types).
+HUB_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": None,
+    "bos_token_id": 2, "eos_token_id": 1, "final_logit_softcapping": None, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+    "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+    "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144,
+}
+
+
+def _tokens(batch=2, length=T, seed=0):
+    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
+
+
+def _random_params(arch, seed=0, scale=0.16):
+    """Params drawn with numpy on the model's shapes (no PRNG compile); norms store w of 1 + w."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(arch.init, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32), shapes)
+
+
+def test_config_reads_hub_current_and_multimodal_layouts():
+    cfg = Gemma3Config(**TINY)
+    assert [t == "full_attention" for t in cfg.layer_types] == [False] * 5 + [True, False]
+    assert Gemma3Config.from_hf_config(json.loads(json.dumps(cfg.to_hf_config()))) == cfg
+    spec = cfg.decoder_spec()
+    assert spec.qk_norm and spec.local_rope_theta == 100.0 and spec.rope_scaling.factor == 4.0
+    assert [w for w in spec.layer_windows] == [4] * 5 + [None, 4]
+
+    hub = Gemma3Config.from_hf_config(HUB_1B)
+    assert (hub.rope_theta, hub.rope_local_base_freq, hub.rope_scaling) == (1e6, 1e4, None)
+    assert hub.layer_types.count("full_attention") == 4 and hub.layer_types[5] == "full_attention"
+    # Current transformers writes per-layer-type rope_parameters and layer_types instead.
+    current = {k: v for k, v in HUB_1B.items() if not k.startswith(("rope_", "sliding_window_pattern"))}
+    current.update(layer_types=list(hub.layer_types), rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert Gemma3Config.from_hf_config(current).rope_scaling == dc.RopeScaling("linear", 8.0)
+    # A multimodal config.json: its text_config (sparse, HF defaults fill the rest).
+    multimodal = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {
+        "model_type": "gemma3_text", "hidden_size": 2560, "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    mm = Gemma3Config.from_hf_config(multimodal)
+    assert (mm.hidden_size, mm.vocab_size, mm.rope_theta, mm.eos_token_id) == (2560, 262208, 1e6, (1, 106))
+    assert mm.rope_scaling == dc.RopeScaling("linear", 8.0) and len(mm.layer_types) == 34
+    with pytest.raises(ValueError, match="sliding_window"):
+        Gemma3Config(**{**TINY, "sliding_window": None})
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        Gemma3Config.from_hf_config({**current, "rope_parameters": {
+            "full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}})
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """(torch Gemma3ForCausalLM, checkpoint dir) for a random tiny model saved with save_pretrained."""
+    if torch is None:
+        pytest.skip("HF parity checks need torch")
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM._from_config(
+        transformers.Gemma3TextConfig(**Gemma3Config(**TINY).to_hf_config()), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():  # HF starts the (1 + w) norms at w = 0; perturb so they matter
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("gemma3")
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_transformers_reads_our_config_as_we_do(hf_checkpoint):
+    model, _ = hf_checkpoint
+    hf = model.config
+    assert list(hf.layer_types) == list(Gemma3Config(**TINY).layer_types)
+    assert hf.rope_parameters["full_attention"]["rope_type"] == "linear"
+    assert hf.rope_parameters["full_attention"]["rope_theta"] == 1000.0
+    assert hf.rope_parameters["sliding_attention"]["rope_theta"] == 100.0
+
+
+def test_mlp_matches_transformers(hf_checkpoint):
+    model, _ = hf_checkpoint
+    ref = model.model.layers[3].mlp
+    arch = Gemma3Architecture(Gemma3Config(**TINY))
+    mlp = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T} for n in ("gate", "up", "down")}
+    x = np.random.RandomState(1).randn(2, 5, 32).astype(np.float32) * 3
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(base.mlp_apply(arch.mlp_spec, mlp, jnp.asarray(x))), want, atol=1e-5)
+
+
+def test_parity_with_transformers_both_ways(hf_checkpoint, tmp_path):
+    model, path = hf_checkpoint
+    tokens = _tokens()
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), output_hidden_states=True)
+
+    arch, params = checkpoint.load_pretrained(str(path))
+    assert arch.config == Gemma3Config(**TINY) and arch.name == "gemma3_text"
+    logits = jax.jit(arch.apply)(params, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
+    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
+    for i in range(arch.num_blocks):
+        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
+        hidden, _ = arch.block(params, i, hidden, ctx)
+
+    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
+
+
+def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
+    """The text weights of a Gemma3ForConditionalGeneration checkpoint, in both key layouts, load
+    into the same model; vision tower and projector are skipped."""
+    model, path = hf_checkpoint
+    text = load_file(path / "model.safetensors")
+    vision = {"vision_tower.vision_model.post_layernorm.weight": np.ones(8, np.float32),
+              "multi_modal_projector.mm_input_projection_weight": np.zeros((8, 32), np.float32)}
+    hf_text = json.loads((path / "config.json").read_text())
+    arch, params = checkpoint.load_pretrained(str(path))
+    want = np.asarray(arch.apply(params, jnp.asarray(_tokens())))
+    for prefix, tag in (("language_model.model.", "released"), ("model.language_model.", "4.5x")):
+        folder = tmp_path / tag
+        folder.mkdir()
+        renamed = {prefix + k[len("model."):]: v for k, v in text.items()}
+        save_file({**renamed, **{(f"model.{k}" if tag == "4.5x" else k): v for k, v in vision.items()}},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": hf_text, "vision_config": {"model_type": "siglip_vision_model"}}))
+        arch, params = checkpoint.load_pretrained(str(folder))
+        assert arch.config == Gemma3Config(**TINY)
+        np.testing.assert_allclose(np.asarray(arch.apply(params, jnp.asarray(_tokens()))), want, atol=1e-6)
+    # An untied head sits beside the text model in either layout.
+    untied = Gemma3Config(**{**TINY, "tie_word_embeddings": False})
+    for prefix, head in (("language_model.model.", "language_model.lm_head.weight"),
+                         ("model.language_model.", "lm_head.weight")):
+        names = {e.flax_path: e.hf_key for e in hf_gemma3.checkpoint_key_map(untied, [prefix + "embed_tokens.weight"])}
+        assert names["lm_head/kernel"] == head
+        assert names["blocks_6/attn/q_norm/scale"] == prefix + "layers.6.self_attn.q_norm.weight"
+
+
+def test_local_layers_use_the_window_and_their_own_rope():
+    arch = Gemma3Architecture(Gemma3Config(**TINY))
+    params = _random_params(arch)
+    tokens = jnp.asarray(_tokens())
+    ref = np.asarray(jax.jit(arch.apply)(params, tokens))
+
+    def variant(**kw):
+        return np.asarray(jax.jit(Gemma3Architecture(Gemma3Config(**{**TINY, **kw})).apply)(params, tokens))
+
+    diff = np.abs(variant(sliding_window=64) - ref).max(axis=(0, 2))  # per position
+    assert diff[:4].max() < 1e-5 and diff[4:].min() > 1e-3  # the first 4 positions see every key anyway
+    assert np.abs(variant(rope_local_base_freq=1e4) - ref).max() > 1e-3  # local layers use their base
+    assert np.abs(variant(rope_scaling=None) - ref).max() > 1e-3  # the global layer its scaled RoPE
+    capped = np.abs(variant(final_logit_softcapping=None)).max()
+    assert np.abs(ref).max() < 3.0 < capped
+
+
+def test_qk_norm_params_scaled_embeddings_and_tied_head():
+    # The staged view itself is checked against transformers' per-layer hidden states above.
+    arch = Gemma3Architecture(Gemma3Config(**TINY))
+    params = _random_params(arch, seed=1, scale=0.1)
+    assert params["blocks_0"]["attn"]["q_norm"]["scale"].shape == (16,)
+    assert arch.logical_axes()["blocks_0"]["attn"]["k_norm"]["scale"] == jax.sharding.PartitionSpec("head_dim")
+    tokens = jnp.asarray(_tokens())
+    hidden, _ = arch.embed(params, tokens)
+    np.testing.assert_allclose(
+        np.asarray(hidden), np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] * np.sqrt(32), rtol=1e-6
+    )
+    assert arch.mlp_spec.activation == "gelu_tanh" and arch.mlp_spec.gated and not arch.mlp_spec.has_bias
+    assert "lm_head" not in params  # tied
+
+
+def test_fips_pipeline_on_a_tiny_gemma3(tmp_path):
+    """configs/tiny_gemma3.py in-process on one device, 2 groups of 3 GeGLU MLPs, a few steps each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    one = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "local.epochs": 4.0}
+    cfg = config_base.load_config(os.path.join(root, "configs", "tiny_gemma3.py"), one)
+    m = pipeline.run(cfg, str(tmp_path), log=lambda msg: None)
+    assert [g["blocks"] for g in m["groups"]] == [[0, 1, 2], [3, 4, 5]]
+    # Within budget, by less than one rank's worth per group.
+    fips = m["budget"]["fips"]
+    assert fips["fraction_of_mlp_weights"] <= 0.5
+    assert fips["dense_mlp"] * 0.5 - fips["kept_mlp"] < sum(g["d"] + 0.25 * 9 * g["p"] for g in m["groups"])
+    # Held-out MLP reconstruction: FiPS beats per-layer SVD at the same budget and improves on its
+    # init (measured means 0.78 / 0.27 / 0.22).
+    pb = {k: np.mean(v) for k, v in m["per_block"].items() if k.startswith("heldout_rel_error")}
+    assert pb["heldout_rel_error_fips_final"] < pb["heldout_rel_error_fips_init"] < pb[
+        "heldout_rel_error_per_layer_svd"], pb
+
+    # The exported compressed model reloads to the same perplexity.
+    arch, params, _ = export.load(str(tmp_path / "compressed"))
+    assert arch.name == "gemma3_text" and "q_norm" in params["blocks_5"]["attn"]
+    _, _, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"])
+    ev = cfg["data"]["eval"]
+    n = ev["context"] * ev["max_windows"]
+    ids = pipeline._tokens(ev, tokenizer, n)[:n]  # pylint: disable=protected-access
+    apply = jax.jit(arch.apply)
+    got = perplexity.perplexity(lambda t: apply(params, t), ids, ev["context"], ev["protocol"],
+                                batch_size=cfg["eval"]["batch_size"], jit=False)
+    assert got["ppl"] == pytest.approx(m["evals"]["fips_final"]["ppl"], rel=1e-5)
