@@ -1,4 +1,5 @@
-r"""GGUF (llama.cpp) import for the decoder families in `GGUF_ARCHS` (llama, qwen2, qwen3, gemma2).
+r"""GGUF (llama.cpp) import for the decoder families in `GGUF_ARCHS` (llama, qwen2, qwen3, gemma2,
+gemma3).
 
 A GGUF file is read as an HF checkpoint would be, so every family's own HF module does the work:
 
@@ -44,7 +45,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax.hf import checkpoint, convert
+from fips_jax.hf import checkpoint, convert, gguf_gemma
 from fips_jax.hf.gguf_file import GgufFile
 from fips_jax.models import base
 from fips_jax.models.llama import LlamaConfig
@@ -128,8 +129,8 @@ def decoder_hf_config(meta: Metadata, prefix: str) -> dict[str, Any]:
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": int(head_dim),
         "max_position_embeddings": int(key("context_length", 2048)),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": gguf_gemma.decimal(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": gguf_gemma.decimal(key("rope.freq_base", 10000.0)),
         "rope_scaling": ({"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
                          if scaling_type == "linear" else None),
         "attention_bias": "blk.0.attn_q.bias" in names,
@@ -170,34 +171,24 @@ class GgufArch:
         return gguf_name
 
 
-def gemma2_hf_config(meta: Metadata, prefix: str) -> dict[str, Any]:
-    """Gemma-2 as llama.cpp runs it: queries scaled by head_dim ** -0.5 (hidden / heads for the
-    46-layer 27B), windows on even layers, both soft-caps from the metadata."""
-    hf = decoder_hf_config(meta, prefix)
-    layers = hf["num_hidden_layers"]
-    hf.update(
-        query_pre_attn_scalar=hf["hidden_size"] // hf["num_attention_heads"] if layers == 46 else hf["head_dim"],
-        sliding_window=int(meta.get(f"{prefix}.attention.sliding_window", 4096)),
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-        attn_logit_softcapping=float(meta.get(f"{prefix}.attn_logit_softcapping", 50.0)),
-        final_logit_softcapping=float(meta.get(f"{prefix}.final_logit_softcapping", 30.0)),
-        hidden_activation="gelu_pytorch_tanh")
-    del hf["mlp_bias"], hf["rope_scaling"]
-    return hf
+def gemma_hf_config(meta: Metadata, prefix: str) -> dict[str, Any]:
+    """Gemma-2/3 config as llama.cpp runs them (`gguf_gemma.hf_config`)."""
+    del prefix  # gguf_gemma reads general.architecture itself
+    return gguf_gemma.hf_config(meta.fields, meta.tensor_names)
 
+
+# llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its graph multiplies by the
+# stored weight; HF's applies 1 + w); Gemma GGUF layer names are `gguf_gemma.LAYER_NAMES`.
+_GEMMA = dict(config=gemma_hf_config, layer_names=gguf_gemma.LAYER_NAMES,
+              transforms=((gguf_gemma.NORM_RE.pattern, lambda w: w - np.float32(1.0)),))
 
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch("llama", rope_permuted=True),
     "qwen2": GgufArch("qwen2"),
     "qwen3": GgufArch("qwen3", layer_names={**DECODER_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm",
                                             "attn_k_norm": "self_attn.k_norm"}),
-    # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its graph multiplies by the
-    # stored weight; HF's applies 1 + w), and its ffn_norm is Gemma-2's pre-feed-forward norm.
-    "gemma2": GgufArch("gemma2", config=gemma2_hf_config,
-                       layer_names={**DECODER_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-                                    "post_attention_norm": "post_attention_layernorm",
-                                    "post_ffw_norm": "post_feedforward_layernorm"},
-                       transforms=((r"norm\.weight$", lambda w: w - np.float32(1.0)),)),
+    "gemma2": GgufArch("gemma2", **_GEMMA),
+    "gemma3": GgufArch("gemma3_text", **_GEMMA),
 }
 
 

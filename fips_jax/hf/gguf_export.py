@@ -83,6 +83,32 @@ def _gemma2_metadata(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _gemma3_metadata(cfg: Any) -> dict[str, Any]:
+    # llama.cpp fixes what Gemma-3 configs could vary: global attention on every 6th layer, a
+    # 10k RoPE base on the local ones, queries scaled by head_dim ** -0.5 (hidden / heads for the
+    # 62-layer 27B), and no soft-capping.
+    scalar = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+    want = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(cfg.num_hidden_layers))
+    problems = []
+    if float(cfg.query_pre_attn_scalar) != float(scalar):
+        problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (llama.cpp scales by {scalar})")
+    if tuple(cfg.layer_types) != want:
+        problems.append("layer_types other than global on every 6th layer")
+    if float(cfg.rope_local_base_freq) != 10_000.0:
+        problems.append(f"rope_local_base_freq={cfg.rope_local_base_freq} (llama.cpp uses 10000)")
+    if cfg.final_logit_softcapping is not None:
+        problems.append(f"final_logit_softcapping={cfg.final_logit_softcapping} (llama.cpp's gemma3 has none)")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type != "linear":
+        problems.append(f"rope scaling {cfg.rope_scaling.rope_type!r} (linear only)")
+    if problems:
+        raise ValueError("GGUF export: this gemma3 would run differently in llama.cpp: " + "; ".join(problems))
+    meta = {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+            "attention.sliding_window": cfg.sliding_window}
+    if cfg.rope_scaling is not None:
+        meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling.factor)})
+    return meta
+
+
 def _qwen_metadata(cfg: Any) -> dict[str, Any]:
     # llama.cpp's qwen2/qwen3 graphs attend over every position; a sliding-window layer would run
     # differently there.
@@ -118,6 +144,7 @@ class GgufArch:
 ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, _llama_metadata, permute_qk=True),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, norm_offset=1.0),
+    "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, norm_offset=1.0),
     "qwen2": GgufArch(gguf.MODEL_ARCH.QWEN2, _qwen_metadata),
     "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3, _qwen_metadata),
 }

@@ -30,7 +30,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
@@ -47,7 +47,7 @@ _LAYER_NAMES = {
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)$")
-_NORM_RE = re.compile(r"(layernorm|_norm|\.norm)\.weight$")
+NORM_RE = re.compile(r"(layernorm|_norm|\.norm)\.weight$")
 
 # What llama.cpp hard-codes per architecture instead of storing it.
 _SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -60,8 +60,8 @@ def hf_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return gguf_name
 
 
@@ -71,7 +71,7 @@ def gguf_name(hf: str) -> str:
     if hf in inverse:
         return inverse[hf]
     m = _HF_LAYER_RE.match(hf)
-    layer = {v: k for k, v in _LAYER_NAMES.items()}
+    layer = {v: k for k, v in LAYER_NAMES.items()}
     if m and m.group(2) in layer:
         return f"blk.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
     return hf
@@ -79,7 +79,7 @@ def gguf_name(hf: str) -> str:
 
 def is_norm(hf: str) -> bool:
     """True for the RMSNorm weights (block, q/k and final norms) under their HF names."""
-    return bool(_NORM_RE.search(hf))
+    return bool(NORM_RE.search(hf))
 
 
 def norm_to_hf(hf: str, array: np.ndarray) -> np.ndarray:
@@ -104,7 +104,7 @@ def _get(fields: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
     return default
 
 
-def _decimal(value: Any) -> float | None:
+def decimal(value: Any) -> float | None:
     """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07),
     so that configs read from GGUF compare equal to the HF ones."""
     return None if value is None else float(str(np.float32(value)))
@@ -139,13 +139,13 @@ def hf_config(fields: Mapping[str, Any], tensor_names: Iterable[str]) -> dict[st
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "max_position_embeddings": int(key("context_length", 8192)),
-        "rms_norm_eps": _decimal(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _decimal(key("rope.freq_base", 10_000.0 if arch == "gemma2" else 1_000_000.0)),
+        "rms_norm_eps": decimal(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": decimal(key("rope.freq_base", 10_000.0 if arch == "gemma2" else 1_000_000.0)),
         "sliding_window": int(key("attention.sliding_window", 4096)),
         "layer_types": ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)],
         "query_pre_attn_scalar": hidden // heads if layers == _BLOCKS_27B[arch] else head_dim,
-        "attn_logit_softcapping": _decimal(key("attn_logit_softcapping", None)),
-        "final_logit_softcapping": _decimal(key("final_logit_softcapping", None)),
+        "attn_logit_softcapping": decimal(key("attn_logit_softcapping", None)),
+        "final_logit_softcapping": decimal(key("final_logit_softcapping", None)),
         "attention_bias": "blk.0.attn_q.bias" in names,
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_activation": "gelu_pytorch_tanh",
@@ -158,7 +158,7 @@ def hf_config(fields: Mapping[str, Any], tensor_names: Iterable[str]) -> dict[st
         if scaling not in ("none", "linear"):
             raise ValueError(f"GGUF rope scaling {scaling!r} not supported; supported: ['none', 'linear']")
         out["rope_scaling"] = (
-            {"rope_type": "linear", "factor": _decimal(key("rope.scaling.factor"))} if scaling == "linear" else None
+            {"rope_type": "linear", "factor": decimal(key("rope.scaling.factor"))} if scaling == "linear" else None
         )
         out["rope_local_base_freq"] = _LOCAL_ROPE_THETA
     return out
