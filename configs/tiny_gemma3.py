@@ -2,30 +2,13 @@
 q/k norms, 5 local : 1 global layers with their own RoPE bases, GeGLU MLPs, tied head. The whole
 pipeline in seconds on a CPU (tests and smoke runs)."""
 
-from fips_jax.config_base import base_config
+from fips_jax.config_base import tiny_decoder_config
 
 
 def get_config():
-    c = base_config()
-    c.model.source = "random"
-    c.model.tokenizer = "bytes"
     # 6 blocks: 0-4 local with a window (16) shorter than the 64-token contexts, 5 global.
-    c.model.hf_config = dict(
+    return tiny_decoder_config(dict(
         model_type="gemma3_text", vocab_size=256, hidden_size=32, intermediate_size=96, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
         max_position_embeddings=256, sliding_window=16, rope_theta=10000.0, rope_local_base_freq=1000.0,
-        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
-    c.data.calib.update(source="wiki_offline", split="calib", window=64, n_windows=8)
-    c.data.eval.update(source="wiki_offline", split="eval", context=64, max_windows=8)
-    c.data.holdout_windows = 4
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.fips.group_size = 3
-    c.local.epochs = 10.0
-    c.local.batch_tokens = 128
-    c.local.lr = 3e-3
-    c.local.end_lr = 3e-5
-    c.local.weight_decay = 0.0
-    c.local.update_freq = 5
-    c.checkpoint_every = 10
-    return c
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True), group_size=3)

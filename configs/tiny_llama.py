@@ -1,28 +1,11 @@
 """A random tiny Llama-architecture model on the offline Wikipedia text with a byte tokenizer:
 the whole pipeline in seconds on a CPU (tests and smoke runs)."""
 
-from fips_jax.config_base import base_config
+from fips_jax.config_base import tiny_decoder_config
 
 
 def get_config():
-    c = base_config()
-    c.model.source = "random"
-    c.model.tokenizer = "bytes"
-    c.model.hf_config = dict(
+    return tiny_decoder_config(dict(
         model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=80, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")
-    c.data.calib.update(source="wiki_offline", split="calib", window=64, n_windows=8)
-    c.data.eval.update(source="wiki_offline", split="eval", context=64, max_windows=8)
-    c.data.holdout_windows = 4
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.fips.group_size = 2
-    c.local.epochs = 10.0
-    c.local.batch_tokens = 128
-    c.local.lr = 3e-3
-    c.local.end_lr = 3e-5
-    c.local.weight_decay = 0.0
-    c.local.update_freq = 5
-    c.checkpoint_every = 10
-    return c
+        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu"))

@@ -116,6 +116,30 @@ def paper_llm_config(path: str, lr: float, chunk: int) -> ml_collections.ConfigD
     return c
 
 
+def tiny_decoder_config(hf_config: dict, group_size: int = 2) -> ml_collections.ConfigDict:
+    """A random tiny decoder (`hf_config`: an HF config.json dict) on the offline Wikipedia text
+    with a byte tokenizer: the whole pipeline in seconds on a CPU (tests and smoke runs; the
+    configs/tiny_*.py files differ only in the model)."""
+    c = base_config()
+    c.model.source = "random"
+    c.model.tokenizer = "bytes"
+    c.model.hf_config = dict(hf_config)
+    c.data.calib.update(source="wiki_offline", split="calib", window=64, n_windows=8)
+    c.data.eval.update(source="wiki_offline", split="eval", context=64, max_windows=8)
+    c.data.holdout_windows = 4
+    c.fips.budget = 0.5
+    c.fips.sparsity = 0.75
+    c.fips.group_size = group_size
+    c.local.epochs = 10.0
+    c.local.batch_tokens = 128
+    c.local.lr = 3e-3
+    c.local.end_lr = 3e-5
+    c.local.weight_decay = 0.0
+    c.local.update_freq = 5
+    c.checkpoint_every = 10
+    return c
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> dict:
     """`path.py[:arg]` -> that file's `get_config(arg)` with dotted-key overrides applied, as a
     plain dict (what `pipeline.run` takes). The config stays locked: an unknown key is an error."""
