@@ -33,6 +33,10 @@ def test_names_and_norm_transform_invert():
         assert gguf_gemma.hf_name(gguf_gemma.gguf_name(hf)) == hf
     assert gguf_gemma.hf_name("blk.2.ffn_norm.weight") == "model.layers.2.pre_feedforward_layernorm.weight"
     assert gguf_gemma.hf_name("blk.2.post_ffw_norm.weight") == "model.layers.2.post_feedforward_layernorm.weight"
+    # Gemma (v1) has Llama's two norms: ffn_norm is HF's post_attention_layernorm there.
+    assert gguf_gemma.hf_name("blk.2.ffn_norm.weight", "gemma") == "model.layers.2.post_attention_layernorm.weight"
+    assert gguf_gemma.gguf_name("model.layers.2.post_attention_layernorm.weight", "gemma") == "blk.2.ffn_norm.weight"
+    assert gguf_gemma.hf_name("blk.2.post_ffw_norm.weight", "gemma") == "blk.2.post_ffw_norm.weight"  # unknown
     w = np.array([0.5, -0.25], np.float32)
     assert gguf_gemma.is_norm("model.layers.0.self_attn.q_norm.weight")
     assert not gguf_gemma.is_norm("model.layers.0.mlp.up_proj.weight")

@@ -3,8 +3,8 @@
     safetensors_io   lazy, validated reading/writing of (sharded) safetensors, bf16 included
     convert          name maps (flax path, HF key, reversible transform) -> params, all errors at once
     checkpoint       load_pretrained / save_pretrained, dispatching on config.json's model_type
-    llama, gemma2,   decoder family modules (config + key map); vit, swin: vision families
-    gemma3
+    llama, gemma,    decoder family modules (config + key map); vit, swin: vision families
+    gemma2, gemma3
     gguf_file, gguf  GGUF parsing and the llama GGUF importer (dequantised to float32)
-    gguf_gemma       Gemma-2/3 GGUF tensor names, config reader and norm-weight transform
+    gguf_gemma       Gemma (1/2/3) GGUF tensor names, config reader and norm-weight transform
 """

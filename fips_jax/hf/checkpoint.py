@@ -24,11 +24,12 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax.hf import convert, gemma2, gemma3, llama, qwen2, qwen3, safetensors_io, swin, vit
+from fips_jax.hf import convert, gemma, gemma2, gemma3, llama, qwen2, qwen3, safetensors_io, swin, vit
 from fips_jax.models import base
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
+    "gemma": gemma,
     "gemma2": gemma2,
     "qwen2": qwen2,
     "qwen3": qwen3,

@@ -1,6 +1,6 @@
 """HF <-> fips_jax mapping for Gemma-2 (`Gemma2ForCausalLM` checkpoints).
 
-Same layer naming as Llama plus two post-norms; RMSNorm weights are stored as HF stores them
+Gemma's layer naming (`gemma.py`) plus two post-norms; RMSNorm weights are stored as HF stores them
 (the model applies 1 + w), so every norm maps with the identity transform.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from fips_jax.hf.convert import KeyMapEntry
-from fips_jax.hf.llama import ROTARY_BUFFERS, decoder_key_map
+from fips_jax.hf.gemma import gemma_key_map, ignored_keys  # noqa: F401  (ignored_keys: Gemma's)
 from fips_jax.models.gemma2 import Gemma2Architecture, Gemma2Config
 
 NORMS = {
@@ -31,11 +31,7 @@ def config_to_hf(cfg: Gemma2Config) -> dict[str, Any]:
 
 
 def key_map(cfg: Gemma2Config) -> list[KeyMapEntry]:
-    return decoder_key_map(cfg.num_hidden_layers, NORMS, cfg.attention_bias, False, cfg.tie_word_embeddings)
-
-
-def ignored_keys(cfg: Gemma2Config) -> tuple[str, ...]:
-    return (ROTARY_BUFFERS,) + ((r"^lm_head\.weight$",) if cfg.tie_word_embeddings else ())
+    return gemma_key_map(cfg, NORMS)
 
 
 def build_architecture(cfg: Gemma2Config, dtype: Any = jnp.float32) -> Gemma2Architecture:

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 import jax.numpy as jnp
 
 from fips_jax.hf.convert import KeyMapEntry
+from fips_jax.hf.gemma import gemma_key_map
 from fips_jax.hf.gemma2 import NORMS
-from fips_jax.hf.llama import ROTARY_BUFFERS, decoder_key_map
+from fips_jax.hf.llama import ROTARY_BUFFERS
 from fips_jax.models.gemma3 import Gemma3Architecture, Gemma3Config
 
 # Where a multimodal checkpoint keeps the text model's `model.` (embeddings, layers, final norm),
@@ -36,7 +37,7 @@ def config_to_hf(cfg: Gemma3Config) -> dict[str, Any]:
 
 
 def key_map(cfg: Gemma3Config) -> list[KeyMapEntry]:
-    entries = decoder_key_map(cfg.num_hidden_layers, NORMS, cfg.attention_bias, False, cfg.tie_word_embeddings)
+    entries = gemma_key_map(cfg, NORMS)
     for i in range(cfg.num_hidden_layers):
         entries += [KeyMapEntry(f"blocks_{i}/attn/{x}_norm/scale", f"model.layers.{i}.self_attn.{x}_norm.weight")
                     for x in "qk"]

@@ -1,5 +1,5 @@
-r"""GGUF (llama.cpp) import for the decoder families in `GGUF_ARCHS` (llama, qwen2, qwen3, gemma2,
-gemma3).
+r"""GGUF (llama.cpp) import for the decoder families in `GGUF_ARCHS` (llama, qwen2, qwen3, gemma,
+gemma2, gemma3).
 
 A GGUF file is read as an HF checkpoint would be, so every family's own HF module does the work:
 
@@ -172,7 +172,7 @@ class GgufArch:
 
 
 def gemma_hf_config(meta: Metadata, prefix: str) -> dict[str, Any]:
-    """Gemma-2/3 config as llama.cpp runs them (`gguf_gemma.hf_config`)."""
+    """Gemma (1/2/3) config as llama.cpp runs them (`gguf_gemma.hf_config`)."""
     del prefix  # gguf_gemma reads general.architecture itself
     return gguf_gemma.hf_config(meta.fields, meta.tensor_names)
 
@@ -187,6 +187,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen2": GgufArch("qwen2"),
     "qwen3": GgufArch("qwen3", layer_names={**DECODER_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm",
                                             "attn_k_norm": "self_attn.k_norm"}),
+    "gemma": GgufArch("gemma", **{**_GEMMA, "layer_names": gguf_gemma.GEMMA1_LAYER_NAMES}),
     "gemma2": GgufArch("gemma2", **_GEMMA),
     "gemma3": GgufArch("gemma3_text", **_GEMMA),
 }

@@ -61,6 +61,11 @@ def _llama_metadata(cfg: Any) -> dict[str, Any]:
     return meta
 
 
+def _head_dim_metadata(cfg: Any) -> dict[str, Any]:
+    # key_length carries an explicit head_dim (Gemma's and Qwen3's are not hidden // heads).
+    return {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
+
+
 def _gemma2_metadata(cfg: Any) -> dict[str, Any]:
     # llama.cpp scales queries by head_dim ** -0.5 (hidden / heads for the 46-layer 27B model),
     # not by the config's query_pre_attn_scalar: a model where they differ would run differently.
@@ -76,7 +81,7 @@ def _gemma2_metadata(cfg: Any) -> dict[str, Any]:
     if None in caps.values():
         raise ValueError(f"GGUF export: gemma2 without soft-capping ({caps}): llama.cpp's gemma2 always caps")
     return {
-        "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+        **_head_dim_metadata(cfg),
         # No window is a window as long as the context (llama.cpp's gemma2 always windows even layers).
         "attention.sliding_window": cfg.sliding_window or cfg.max_position_embeddings,
         **{k: float(v) for k, v in caps.items()},
@@ -102,8 +107,7 @@ def _gemma3_metadata(cfg: Any) -> dict[str, Any]:
         problems.append(f"rope scaling {cfg.rope_scaling.rope_type!r} (linear only)")
     if problems:
         raise ValueError("GGUF export: this gemma3 would run differently in llama.cpp: " + "; ".join(problems))
-    meta = {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
-            "attention.sliding_window": cfg.sliding_window}
+    meta = {**_head_dim_metadata(cfg), "attention.sliding_window": cfg.sliding_window}
     if cfg.rope_scaling is not None:
         meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling.factor)})
     return meta
@@ -117,8 +121,7 @@ def _qwen_metadata(cfg: Any) -> dict[str, Any]:
                          "(llama.cpp's graph attends over every position)")
     if cfg.rope_scaling is not None:
         raise ValueError(f"GGUF export: {cfg.MODEL_TYPE} rope scaling {cfg.rope_scaling.rope_type!r} not supported")
-    # key_length carries an explicit head_dim (Qwen3's is not hidden // heads); the importer reads it.
-    return {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
+    return _head_dim_metadata(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +146,9 @@ class GgufArch:
 
 ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch(gguf.MODEL_ARCH.LLAMA, _llama_metadata, permute_qk=True),
+    # Gemma (v1): llama.cpp's gemma graph scales queries by head_dim ** -0.5 as HF does, with
+    # global attention and no caps: nothing beyond the head size to write or refuse.
+    "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, _head_dim_metadata, norm_offset=1.0),
     "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, norm_offset=1.0),
     "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, norm_offset=1.0),
     "qwen2": GgufArch(gguf.MODEL_ARCH.QWEN2, _qwen_metadata),

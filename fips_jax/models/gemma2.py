@@ -1,12 +1,11 @@
 """Gemma-2 causal decoder.
 
-Differences from Llama, all switches of the shared `decoder_common.CausalLM`:
-  * RMSNorm scales by (1 + w) and there are four norms per block (pre/post attention and MLP);
-  * embeddings are multiplied by sqrt(hidden_size);
+Gemma (`gemma.py`: (1 + w) RMSNorms, sqrt(hidden_size)-scaled embeddings, a gelu_tanh-gated
+MLP, tied embeddings) plus these switches of the shared `decoder_common.CausalLM`:
+  * four norms per block (pre/post attention and MLP);
   * attention logits are scaled by query_pre_attn_scalar ** -0.5 and soft-capped, and
     final logits are soft-capped: cap * tanh(x / cap);
-  * layers alternate local sliding-window and global attention (`layer_types`);
-  * the MLP is gelu_tanh-gated; embeddings are tied by default.
+  * layers alternate local sliding-window and global attention (`layer_types`).
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import dataclasses
 from typing import Any, ClassVar
 
 from fips_jax.models import decoder_common as dc
+from fips_jax.models.gemma import GemmaConfig
 
-_GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -27,10 +26,13 @@ def default_layer_types(num_layers: int, pattern: int = 2) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config:
+class Gemma2Config(GemmaConfig):
     """Gemma-2 hyper-parameters with HF field names; `layer_types` defaults to alternating."""
 
     model_type: ClassVar[str] = "gemma2"
+    hf_architecture: ClassVar[str] = "Gemma2ForCausalLM"
+    activation_key: ClassVar[str] = "hidden_activation"
+    legacy_gelu_is_tanh: ClassVar[bool] = False
     sliding_window_pattern: ClassVar[int] = 2
 
     vocab_size: int = 256000
@@ -39,20 +41,11 @@ class Gemma2Config:
     num_hidden_layers: int = 26
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
-    head_dim: int = 256
-    max_position_embeddings: int = 8192
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    attention_bias: bool = False
     query_pre_attn_scalar: float = 256
     sliding_window: int | None = 4096
     layer_types: tuple[str, ...] | None = None
     attn_logit_softcapping: float | None = 50.0
     final_logit_softcapping: float | None = 30.0
-    tie_word_embeddings: bool = True
-    bos_token_id: int | None = 2
-    eos_token_id: int | tuple[int, ...] | None = 1
-    pad_token_id: int | None = 0
 
     def __post_init__(self):
         name = self.model_type
@@ -66,61 +59,17 @@ class Gemma2Config:
         if bad:
             raise ValueError(f"{name}: layer types {bad} not supported; supported: {list(LAYER_TYPES)}")
 
-    @classmethod
-    def hf_kwargs(cls, hf: dict[str, Any], rope_fields: tuple[str, ...]) -> dict[str, Any]:
-        """The dataclass fields found in an HF config dict, checked; `rope_fields` are left to the caller."""
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in _GELU_TANH_NAMES:
-            raise ValueError(
-                f"{cls.model_type} hidden_activation {act!r} not supported; expected one of {_GELU_TANH_NAMES}"
-            )
-        if hf.get("use_bidirectional_attention"):
-            raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
-        kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(dc.hf_token_ids(hf))
-        return kwargs
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "Gemma2Config":
-        """From an HF `config.json` dict (model_type "gemma2")."""
-        theta, scaling = dc.rope_from_hf(hf)
-        if scaling is not None:
-            raise ValueError(f"gemma2 rope scaling {scaling} not supported")
-        return cls(**cls.hf_kwargs(hf, ("rope_theta",)), rope_theta=theta)
-
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that `transformers.Gemma2ForCausalLM` loads."""
-        return {
-            "model_type": "gemma2",
-            "architectures": ["Gemma2ForCausalLM"],
-            "hidden_activation": "gelu_pytorch_tanh",
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            "layer_types": list(self.layer_types),
-            **dc.rope_to_hf(self.rope_theta, None),
-            **dc.token_ids_to_hf(self),
-        }
+        return {**super().to_hf_config(), "layer_types": list(self.layer_types)}
 
     def decoder_spec(self) -> dc.DecoderSpec:
         windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
-        return dc.DecoderSpec(
-            vocab_size=self.vocab_size,
-            d_model=self.hidden_size,
-            d_ff=self.intermediate_size,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation="gelu_tanh",
-            norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=None,
+        return dataclasses.replace(
+            super().decoder_spec(),
             layer_windows=windows,
             attn_scale=float(self.query_pre_attn_scalar) ** -0.5,
-            attn_bias=self.attention_bias,
-            tie_embeddings=self.tie_word_embeddings,
-            norm_unit_offset=True,
             post_norms=True,
-            scale_embeddings=True,
             attn_softcap=self.attn_logit_softcapping,
             final_softcap=self.final_logit_softcapping,
         )

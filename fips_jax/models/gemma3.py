@@ -66,6 +66,7 @@ class Gemma3Config(Gemma2Config):
     """
 
     model_type: ClassVar[str] = "gemma3_text"
+    hf_architecture: ClassVar[str] = "Gemma3ForCausalLM"
     sliding_window_pattern: ClassVar[int] = 6
 
     vocab_size: int = 262208
@@ -100,8 +101,6 @@ class Gemma3Config(Gemma2Config):
         local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq}
         return {
             **super().to_hf_config(),
-            "model_type": self.model_type,
-            "architectures": ["Gemma3ForCausalLM"],
             **full,
             "rope_local_base_freq": self.rope_local_base_freq,
             "rope_parameters": {"full_attention": full["rope_parameters"], "sliding_attention": local},

@@ -1,0 +1,113 @@
+"""Gemma (v1) causal decoder (`gemma`, `GemmaForCausalLM`), and the config base of Gemma-2/3.
+
+Differences from Llama, all switches of the shared `decoder_common.CausalLM`:
+  * RMSNorm scales by (1 + w) and stores w (two norms per block, as Llama's);
+  * embeddings are multiplied by sqrt(hidden_size) in the embedding dtype;
+  * the MLP is gelu_tanh-gated (GeGLU); head_dim is explicit (256 on the released 2B and 7B,
+    where 2B has hidden / heads = 256 too but 7B has 3072 / 16 = 192); embeddings are tied.
+Attention logits are scaled by head_dim ** -0.5, nothing is soft-capped or windowed.
+
+`Gemma2Config` (and through it `Gemma3Config`) extends `GemmaConfig` with post-norms,
+sliding windows, query_pre_attn_scalar and soft-capping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from fips_jax.models import decoder_common as dc
+
+GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """Gemma hyper-parameters with HF field names (defaults: HF's `GemmaConfig`, the 7B model)."""
+
+    model_type: ClassVar[str] = "gemma"
+    hf_architecture: ClassVar[str] = "GemmaForCausalLM"
+    # HF's Gemma reads `hidden_act`, where the released configs say "gelu" but mean the tanh
+    # approximation (transformers rewrites it so); Gemma-2/3 read `hidden_activation`.
+    activation_key: ClassVar[str] = "hidden_act"
+    legacy_gelu_is_tanh: ClassVar[bool] = True
+
+    vocab_size: int = 256000
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 256
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 1
+    pad_token_id: int | None = 0
+
+    @classmethod
+    def hf_kwargs(cls, hf: dict[str, Any], rope_fields: tuple[str, ...]) -> dict[str, Any]:
+        """The dataclass fields found in an HF config dict, checked; `rope_fields` are left to the caller."""
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act == "gelu" and cls.legacy_gelu_is_tanh:
+            act = "gelu_pytorch_tanh"
+        if act not in GELU_TANH_NAMES:
+            raise ValueError(
+                f"{cls.model_type} hidden activation {act!r} not supported; expected one of {GELU_TANH_NAMES}"
+            )
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
+        kwargs = {k: hf[k] for k in fields if k in hf}
+        kwargs.update(dc.hf_token_ids(hf))
+        return kwargs
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]):
+        """From an HF `config.json` dict of this class's model_type."""
+        theta, scaling = dc.rope_from_hf(hf)
+        if scaling is not None:
+            raise ValueError(f"{cls.model_type} rope scaling {scaling} not supported")
+        return cls(**cls.hf_kwargs(hf, ("rope_theta",)), rope_theta=theta)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """HF `config.json` dict that transformers' `hf_architecture` class loads."""
+        return {
+            "model_type": self.model_type,
+            "architectures": [self.hf_architecture],
+            self.activation_key: "gelu_pytorch_tanh",
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            **dc.rope_to_hf(self.rope_theta, None),
+            **dc.token_ids_to_hf(self),
+        }
+
+    def decoder_spec(self) -> dc.DecoderSpec:
+        return dc.DecoderSpec(
+            vocab_size=self.vocab_size,
+            d_model=self.hidden_size,
+            d_ff=self.intermediate_size,
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            activation="gelu_tanh",
+            norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=None,
+            layer_windows=(None,) * self.num_hidden_layers,
+            attn_scale=float(self.head_dim) ** -0.5,
+            attn_bias=self.attention_bias,
+            tie_embeddings=self.tie_word_embeddings,
+            norm_unit_offset=True,
+            scale_embeddings=True,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaArchitecture(dc.CausalLMArchitecture):
+    """`base.Architecture` for Gemma (v1). config: GemmaConfig; dtype: compute dtype; param_dtype: storage."""
+
+    name = "gemma"
+    config: GemmaConfig
