@@ -136,20 +136,53 @@ def mlp_targets(spec: base.MlpSpec, teacher: Mapping[str, Any], x: jax.Array) ->
 
 
 def group_weights(u: jax.Array, v: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """Every FC's W = U V_t of a group: u [d, r], v [n, F, r, p] -> [n, F, d, p].
+    """Every FC's W = U V_t of a group in float32: u [d, r], v [n, F, r, p] -> [n, F, d, p].
 
     All FCs at once over the whole V, so the backward gives V's gradient as one array (slicing
     V per FC returned one zero-padded V-sized gradient per FC, added up). `dtype`: the matmul
-    operand dtype; the products accumulate in float32 and are rounded to it once.
+    operand dtype (`mixed_einsum`).
     """
     n, f, r, p = v.shape
-    u = u.astype(dtype)
     # A loop of plain [d, r] x [r, p] products: XLA:CPU lowers the one-einsum form to a GEMM
     # over V transposed to [n F p, r] (a V-sized copy in, another out for its gradient); the
     # loop reads V and writes dV in place and its backward is again plain products.
-    w = jax.lax.map(lambda v_t: jnp.dot(u, v_t.astype(dtype), preferred_element_type=jnp.float32).astype(dtype),
-                    v.reshape(n * f, r, p))
+    w = jax.lax.map(lambda v_t: mixed_einsum("dr,rp->dp", u, v_t, dtype), v.reshape(n * f, r, p))
     return w.reshape(n, f, u.shape[0], p)
+
+
+def mixed_einsum(eq: str, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """float32 `einsum(eq, a, b)` with operands rounded to `dtype`, forward and backward.
+
+    float32: a plain einsum. bfloat16: every product (the two gradient products too) takes
+    bfloat16 operands and accumulates in float32, the form XLA:CPU hands to its fast bf16
+    kernels; autodiff of a plain bf16 einsum would run its backward with float32 operands.
+    eq: two operands, each index of an operand found in the other or the output.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+    return _mixed_einsum(eq, jnp.dtype(dtype), a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(eq, dtype, a, b):
+    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(eq, dtype, a, b):
+    a_c, b_c = a.astype(dtype), b.astype(dtype)
+    return jnp.einsum(eq, a_c, b_c, preferred_element_type=jnp.float32), (a_c, b_c)
+
+
+def _mixed_einsum_bwd(eq, dtype, res, g):
+    a_c, b_c = res  # float32 a and b, rounded to dtype
+    (ia, ib), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    g = g.astype(dtype)
+    da = jnp.einsum(f"{out},{ib}->{ia}", g, b_c, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{ia},{out}->{ib}", a_c, g, preferred_element_type=jnp.float32)
+    return da, db
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
@@ -174,12 +207,11 @@ def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: ja
     def fc(f, h):
         # Batched over blocks: h [n, T, in]; W_f [n, d, p] read as [in, out] (transposed FCs: p -> d).
         eq = "ntp,ndp->ntd" if spec.transposed[f] else "ntd,ndp->ntp"
-        y = jnp.einsum(eq, h.astype(cd), ws[f], preferred_element_type=f32)
+        y = mixed_einsum(eq, h, ws[f], cd)
         if bias is not None:
             y = y + bias[spec.fc_names[f]][:, None, :].astype(f32)
         return y
 
-    x = x.astype(cd)
     if spec.gated:
         gate, up, down = range(3)
         out = fc(down, act(fc(gate, x)) * fc(up, x))
