@@ -1,92 +1,260 @@
-"""Throughput of the jitted local-optimisation step for a DeiT-B-sized group.
+"""Throughput of the jitted local-optimisation step next to the machine's matmul peak.
 
-    python benchmarks/local_step.py [--blocks 4 --tokens 25216 --steps 10 --budget 0.5]
+    python benchmarks/local_step.py [--cases smollm2,deit_b] [--modes joint,sequential]
+                                    [--reps 3] [--compute-dtype float32] [--reference] [--json]
 
-Group: d 768, p 3072, 4 blocks, 2 FCs (GELU MLP), 128 x 197 tokens per block, GMP at 75%.
-Prints steps/s and achieved GFLOP/s (counted analytically, see `step_flops`) next to the
-machine's dense float32 matmul GFLOP/s measured on the same device. No assertion: a figure.
+Cases (one group each, GMP to 75% with AdamW, as `local_opt.train` runs it):
+  smollm2  d 576, p 1536, 6 blocks, 3 FCs (SiLU-gated), rank 1063, 1024 positions per block;
+  deit_b   d 768, p 3072, 4 blocks, 2 FCs (GELU), rank at budget 0.5, --deit-tokens per block
+           (the paper's minibatch is 128 x 197 = 25216).
+Modes: joint (one step over the whole group, the default) and sequential (one step on one MLP,
+the authors' order; a group step is `blocks` of them). Each is timed without and with a mask
+update (the two programs `local_opt.train` picks between).
+
+Peaks: a chained square matmul inside one jitted loop (`jnp.dot`), float32 and bfloat16 (bf16
+out, and bf16 operands with float32 accumulation), and `torch.matmul` when torch is importable.
+The XLA float32 peak a row is compared with is measured again around that row's timing (median
+of the run's first and those two), since on a shared machine the available compute moves; the
+torch peak is measured once. GFLOP are counted analytically (`step_flops`).
+
+--reference also times a per-MLP step written in PyTorch after the authors' description (one
+MLP at a time: W = U V_t from the masked V_t, MSE of the MLP output, backward, torch AdamW,
+re-mask), with and without a `gc.collect()` after each step as their loop has; it is a
+description-level reimplementation for timing, not their code.
+
+No assertion: figures. With --json the last line is one JSON object (`cases`: one entry per
+case, mode and mask update; `peaks`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import budget, local_opt, svd_init
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fips_jax import budget, local_opt
 from fips_jax.models import base
 
+GATED = base.MlpSpec(("gate", "up", "down"), (False, False, True), "silu", gated=True, has_bias=False)
+CASES = {
+    "smollm2": dict(d=576, p=1536, blocks=6, spec=GATED, rank=1063, tokens=1024),
+    "deit_b": dict(d=768, p=3072, blocks=4, spec=base.VIT_MLP, rank=None, tokens=128 * 197),
+}
 
-def step_flops(n: int, d: int, p: int, r: int, t: int) -> float:
-    """Matmul flops of one step of the 2-FC group loss (forward + backward).
+
+def step_flops(n: int, f: int, d: int, p: int, r: int, t: int) -> float:
+    """Matmul flops of one step of the group loss (forward + backward) over n blocks of f FCs.
 
     Materialising W = U V per FC costs 2 d r p forward and twice that backward (dU and dV).
-    Per block, fc1 costs 2 T d p forward + 2 T d p for its weight gradient; fc2 the same plus
-    2 T d p for the input gradient that reaches fc1.
+    Per block every FC costs 2 T d p forward and 2 T d p for its weight gradient; the last FC
+    also 2 T d p for the input gradient that reaches the others (the MLP input needs none).
     """
-    materialise = 3 * n * 2 * (2 * d * r * p)
-    tokens = n * 10 * t * d * p
-    return float(materialise + tokens)
+    return float(3 * n * f * 2 * d * r * p + n * (2 * f + 1) * 2 * t * d * p)
 
 
-def matmul_gflops(size: int, reps: int = 10) -> float:
-    """Dense float32 matmul throughput at JAX's default precision (TF32 on recent GPUs),
-    `reps` chained products inside one jitted loop so dispatch does not count."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32) / np.sqrt(size)
-    f = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: (y @ a) * 0.5, x))
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def xla_matmul_gflops(dtype, size: int, reps: int, chain: int = 8, accumulate=None) -> float:
+    """`chain` chained [size, size] products inside one jitted loop, so dispatch does not count.
+    accumulate: `preferred_element_type` (bf16 operands with float32 accumulation take another
+    kernel on XLA:CPU than bf16 -> bf16)."""
+    a = (jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32) / np.sqrt(size)).astype(dtype)
+    f = jax.jit(lambda x: jax.lax.fori_loop(
+        0, chain, lambda i, y: jnp.dot(y, a, preferred_element_type=accumulate).astype(dtype), x))
     f(a).block_until_ready()
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    return reps * 2 * size**3 / (time.perf_counter() - t0) / 1e9
+    return chain * 2 * size**3 / _median_time(lambda: f(a).block_until_ready(), reps) / 1e9
+
+
+def torch_matmul_gflops(dtype: str, size: int, reps: int, chain: int = 8) -> float | None:
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    dt = getattr(torch, dtype)
+    a = (torch.randn(size, size) / size**0.5).to(dt)
+
+    def run():
+        y = a
+        for _ in range(chain):
+            y = y @ a
+        return y
+
+    run()
+    return chain * 2 * size**3 / _median_time(run, reps) / 1e9
+
+
+def _group(case: dict, tokens: int, seed: int = 0):
+    d, p, n, spec = case["d"], case["p"], case["blocks"], case["spec"]
+    f = len(spec.fc_names)
+    r = case["rank"] or budget.rank_for_budget(d, p, n, f, 0.5, 0.75)
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    params = {"u": jax.random.normal(k[0], (d, r), jnp.float32) / np.sqrt(d),
+              "v": jax.random.normal(k[1], (n, f, r, p), jnp.float32) / np.sqrt(r)}
+    if spec.has_bias:
+        params["bias"] = {name: jnp.zeros((n, d if tr else p)) for name, tr in zip(spec.fc_names, spec.transposed)}
+    x = jax.random.normal(k[2], (n, tokens, d), jnp.float32)
+    y = jax.random.normal(k[3], (n, tokens, d), jnp.float32)
+    return params, x, y, r
+
+
+def time_our_step(case: dict, tokens: int, mode: str, reps: int, compute_dtype) -> dict:
+    """Seconds per step of `local_opt.make_step` (jitted, donating, as `train` runs it) without
+    and with a mask update; sequential times one block's MLP."""
+    params, x, y, r = _group(case, tokens)
+    if mode == "sequential":
+        params = {"u": params["u"], "v": params["v"][:1],
+                  **({"bias": {k: v[:1] for k, v in params["bias"].items()}} if "bias" in params else {})}
+        x, y = x[:1], y[:1]
+    spec = case["spec"]
+    cfg = local_opt.LocalOptConfig(steps=10_000, update_freq=50)
+    tx, updater = local_opt.make_optimizer(cfg)
+    opt_state = jax.tree_util.tree_map(jnp.array, tx.init(params))
+
+    def loss_fn(prm, step, x, y):
+        return local_opt.mlp_group_loss(prm, spec, x, y, compute_dtype)
+
+    out = {"rank": r}
+    state = [params, opt_state]
+    for update in (False, True):
+        step = jax.jit(local_opt.make_step(loss_fn, tx, updater, check_finite=True, mask_update=update),
+                       donate_argnums=(0, 1))
+
+        def run():
+            state[0], state[1], loss, _, _ = step(state[0], state[1], jnp.int32(50), x, y)
+            loss.block_until_ready()
+
+        t0 = time.perf_counter()
+        run()
+        out["compile_s" if not update else "compile_mask_s"] = time.perf_counter() - t0
+        out["mask_update" if update else "plain"] = _median_time(run, reps)
+    return out
+
+
+def time_reference_step(case: dict, tokens: int, reps: int, collect: bool) -> float | None:
+    """Seconds per group step (every MLP once) of the PyTorch per-MLP step described in the
+    module docstring; None without torch."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    d, p, n, spec = case["d"], case["p"], case["blocks"], case["spec"]
+    f = len(spec.fc_names)
+    r = case["rank"] or budget.rank_for_budget(d, p, n, f, 0.5, 0.75)
+    torch.manual_seed(0)
+    u = (torch.randn(d, r) / d**0.5).requires_grad_()
+    vs = [[(torch.randn(r, p) / r**0.5).requires_grad_() for _ in range(f)] for _ in range(n)]
+    masks = [[torch.rand(r, p) > 0.75 for _ in range(f)] for _ in range(n)]
+    x, y = torch.randn(n, tokens, d), torch.randn(n, tokens, d)
+    act = torch.nn.functional.silu if spec.activation == "silu" else torch.nn.functional.gelu
+    opts = [torch.optim.AdamW([u, *vs[b]], lr=1e-3, weight_decay=0.05) for b in range(n)]
+
+    def mlp_step(b):
+        ws = [u @ (v * m) for v, m in zip(vs[b], masks[b])]  # [d, p] each
+        if spec.gated:
+            out = (act(x[b] @ ws[0]) * (x[b] @ ws[1])) @ ws[2].T
+        else:
+            out = act(x[b] @ ws[0]) @ ws[1].T
+        loss = torch.mean((out - y[b]) ** 2)
+        opts[b].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[b].step()
+        with torch.no_grad():
+            for v, m in zip(vs[b], masks[b]):
+                v.mul_(m)
+        if collect:
+            gc.collect()
+
+    def group_step():
+        for b in range(n):
+            mlp_step(b)
+
+    group_step()
+    return _median_time(group_step, reps)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--p", type=int, default=3072)
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=128 * 197)
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cases", default="smollm2,deit_b")
+    ap.add_argument("--modes", default="joint,sequential")
+    ap.add_argument("--deit-tokens", type=int, default=128 * 197, help="positions per DeiT-B block")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per program (median)")
+    ap.add_argument("--peak-size", type=int, default=2048)
+    ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--reference", action="store_true", help="also time the PyTorch per-MLP step")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    d, p, n, t = args.d, args.p, args.blocks, args.tokens
-    r = budget.rank_for_budget(d, p, n, 2, args.budget, 0.75)
-    spec = base.VIT_MLP
-    key = jax.random.split(jax.random.PRNGKey(0), 4)
-    w = jax.random.normal(key[0], (d, n * 2 * p), jnp.float32) / np.sqrt(d)
-    fac = jax.jit(svd_init.init_group, static_argnames=("rank", "n_blocks", "n_fcs", "tau"))(
-        w, rank=r, n_blocks=n, n_fcs=2)
-    params = {"u": fac.u, "v": fac.v, "bias": {"fc1": jnp.zeros((n, p)), "fc2": jnp.zeros((n, d))}}
-    x = jax.random.normal(key[1], (n, t, d), jnp.float32)
-    y = jax.random.normal(key[2], (n, t, d), jnp.float32)
-    cfg = local_opt.LocalOptConfig(steps=1000, update_freq=50)
-    tx, updater = local_opt.make_optimizer(cfg)
-    opt_state = tx.init(params)
 
-    def loss_fn(prm, step, x, y):
-        return local_opt.mlp_group_loss(prm, spec, x, y)
-
-    step = jax.jit(local_opt.make_step(loss_fn, tx, updater), donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    params, opt_state, loss, _ = step(params, opt_state, jnp.int32(0), x, y)
-    loss.block_until_ready()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(1, args.steps + 1):
-        params, opt_state, loss, _ = step(params, opt_state, jnp.int32(i), x, y)
-    loss.block_until_ready()
-    dt = (time.perf_counter() - t0) / args.steps
-    flops = step_flops(n, d, p, r, t)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
-    print(f"group: d {d}, p {p}, blocks {n}, FCs 2, rank {r}, tokens/block {t}")
-    print(f"first step (compile + run): {compile_s:.1f}s")
-    print(f"step: {dt * 1e3:.1f} ms  ->  {1 / dt:.2f} steps/s, {flops / dt / 1e9:.1f} GFLOP/s "
-          f"({flops / 1e9:.0f} GFLOP/step)")
-    size = 8192 if jax.default_backend() == "gpu" else 2048
-    print(f"dense float32 {size}^3 matmul on this device: {matmul_gflops(size):.1f} GFLOP/s")
+    peaks = {"xla_fp32": xla_matmul_gflops(jnp.float32, args.peak_size, args.reps),
+             "xla_bf16": xla_matmul_gflops(jnp.bfloat16, args.peak_size, args.reps),
+             "xla_bf16_f32acc": xla_matmul_gflops(jnp.bfloat16, args.peak_size, args.reps, accumulate=jnp.float32),
+             "torch_fp32": torch_matmul_gflops("float32", args.peak_size, args.reps),
+             "torch_bf16": torch_matmul_gflops("bfloat16", args.peak_size, args.reps)}
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print("matmul peak, GFLOP/s (" + f"{args.peak_size}^3): " + ", ".join(
+        f"{k} {v:.0f}" if v is not None else f"{k} n/a" for k, v in peaks.items()))
+    rows = []
+    header = (f"{'case':8} {'mode':10} {'mask':4} {'rank':>5} {'step s':>8} {'group/s':>8} {'GFLOP/s':>8} "
+              f"{'%xla':>5} {'%torch':>6}")
+    print(header)
+    for name in args.cases.split(","):
+        case = CASES[name]
+        tokens = args.deit_tokens if name == "deit_b" else case["tokens"]
+        n, f = case["blocks"], len(case["spec"].fc_names)
+        ref = None
+        if args.reference:
+            ref = {"with_gc": time_reference_step(case, tokens, args.reps, collect=True),
+                   "without_gc": time_reference_step(case, tokens, args.reps, collect=False)}
+        for mode in args.modes.split(","):
+            # On a shared machine the peak moves with the load: measured again next to each timing.
+            xla_peak = float(np.median([peaks["xla_fp32"], xla_matmul_gflops(jnp.float32, args.peak_size, args.reps)]))
+            t = time_our_step(case, tokens, mode, args.reps, jnp.dtype(args.compute_dtype))
+            xla_peak = float(np.median([xla_peak, xla_matmul_gflops(jnp.float32, args.peak_size, args.reps)]))
+            n_step = n if mode == "joint" else 1
+            flops = step_flops(n_step, f, case["d"], case["p"], t["rank"], tokens)
+            for update in (False, True):
+                step_s = t["mask_update" if update else "plain"]
+                group_s = step_s * (1 if mode == "joint" else n)
+                gflops = flops / step_s / 1e9
+                row = {"case": name, "mode": mode, "mask_update": update, "tokens": tokens, "rank": t["rank"],
+                       "compute_dtype": args.compute_dtype, "step_s": step_s, "group_step_s": group_s,
+                       "group_steps_per_s": 1 / group_s, "step_gflop": flops / 1e9, "step_gflops": gflops,
+                       "compile_s": t["compile_mask_s" if update else "compile_s"],
+                       "xla_fp32_peak_gflops": xla_peak, "torch_fp32_peak_gflops": peaks["torch_fp32"],
+                       "fraction_of_xla_peak": gflops / xla_peak,
+                       "fraction_of_torch_peak": gflops / peaks["torch_fp32"] if peaks["torch_fp32"] else None}
+                if ref is not None and ref["without_gc"]:
+                    row["reference_group_step_s"] = ref
+                    row["speedup_vs_reference_without_gc"] = ref["without_gc"] / group_s
+                    row["speedup_vs_reference_with_gc"] = ref["with_gc"] / group_s
+                rows.append(row)
+                tf = f"{row['fraction_of_torch_peak']:6.0%}" if row["fraction_of_torch_peak"] else "   n/a"
+                print(f"{name:8} {mode:10} {'yes' if update else 'no':4} {t['rank']:5d} {step_s:8.3f} "
+                      f"{1 / group_s:8.3f} {gflops:8.1f} {row['fraction_of_xla_peak']:5.0%} {tf}")
+        if ref is not None and ref["without_gc"]:
+            print(f"{name}: PyTorch per-MLP reference step, group step {ref['without_gc']:.3f}s without gc.collect, "
+                  f"{ref['with_gc']:.3f}s with it")
+            for row in rows:
+                if row["case"] == name:
+                    print(f"  ours {row['mode']:10} mask {'yes' if row['mask_update'] else 'no ':3}: "
+                          f"{row['speedup_vs_reference_without_gc']:.2f}x (no gc), "
+                          f"{row['speedup_vs_reference_with_gc']:.2f}x (with gc)")
+    if args.json:
+        print(json.dumps({"peaks": peaks, "jax": jax.__version__, "cases": rows}))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.scope = "global"
     c.local.n = 2
     c.local.m = 4
+    # Operand dtype of the LLM local loss's matmuls: float32 | bfloat16 (params, optimiser state,
+    # activations' sums and the loss stay float32; bfloat16 changes the results).
+    c.local.compute_dtype = "float32"
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.

@@ -12,6 +12,7 @@ are cheaper than the factored `T*(d*r + r*p)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -134,20 +135,89 @@ def mlp_targets(spec: base.MlpSpec, teacher: Mapping[str, Any], x: jax.Array) ->
     return jax.vmap(lambda t, xb: base.mlp_apply(spec, t, xb))(teacher, x)
 
 
-def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def group_weights(u: jax.Array, v: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Every FC's W = U V_t of a group in float32: u [d, r], v [n, F, r, p] -> [n, F, d, p].
+
+    All FCs at once over the whole V, so the backward gives V's gradient as one array (slicing
+    V per FC returned one zero-padded V-sized gradient per FC, added up). `dtype`: the matmul
+    operand dtype (`mixed_einsum`).
+    """
+    n, f, r, p = v.shape
+    # A loop of plain [d, r] x [r, p] products: XLA:CPU lowers the one-einsum form to a GEMM
+    # over V transposed to [n F p, r] (a V-sized copy in, another out for its gradient); the
+    # loop reads V and writes dV in place and its backward is again plain products.
+    w = jax.lax.map(lambda v_t: mixed_einsum("dr,rp->dp", u, v_t, dtype), v.reshape(n * f, r, p))
+    return w.reshape(n, f, u.shape[0], p)
+
+
+def mixed_einsum(eq: str, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """float32 `einsum(eq, a, b)` with operands rounded to `dtype`, forward and backward.
+
+    float32: a plain einsum. bfloat16: every product (the two gradient products too) takes
+    bfloat16 operands and accumulates in float32, the form XLA:CPU hands to its fast bf16
+    kernels; autodiff of a plain bf16 einsum would run its backward with float32 operands.
+    eq: two operands, each index of an operand found in the other or the output.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+    return _mixed_einsum(eq, jnp.dtype(dtype), a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(eq, dtype, a, b):
+    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(eq, dtype, a, b):
+    a_c, b_c = a.astype(dtype), b.astype(dtype)
+    return jnp.einsum(eq, a_c, b_c, preferred_element_type=jnp.float32), (a_c, b_c)
+
+
+def _mixed_einsum_bwd(eq, dtype, res, g):
+    a_c, b_c = res  # float32 a and b, rounded to dtype
+    (ia, ib), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    g = g.astype(dtype)
+    da = jnp.einsum(f"{out},{ib}->{ia}", g, b_c, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{ia},{out}->{ib}", a_c, g, preferred_element_type=jnp.float32)
+    return da, db
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
+                   compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """LLM loss: MSE of each block's MLP output on the dense model's MLP inputs (teacher forcing).
 
     x, targets: [n, T, d] MLP inputs and the dense MLP's outputs on them.
     Returns (mean over blocks, per-block MSE [n]). The mean gives the shared U the mean of the
     group's gradients (the joint group update of Algorithm 1).
+    compute_dtype: operand dtype of the matmuls (bfloat16: float32 params cast per step); every
+    product accumulates in float32 and the activations, the loss and its gradients' sums stay
+    float32.
     """
+    cd = jnp.dtype(compute_dtype)
+    # split, not per-FC indexing: its transpose concatenates the FCs' weight gradients into
+    # one [n, F, d, p] array instead of adding one zero-padded full-size copy per FC.
+    ws = [w[:, 0] for w in jnp.split(group_weights(params["u"], params["v"], cd), len(spec.fc_names), axis=1)]
     bias = params.get("bias")
+    act = base.ACTIVATIONS[spec.activation]
+    f32 = jnp.float32
 
-    def one(v_b, bias_b, x_b, y_b):
-        out = base.mlp_apply(spec, block_mlp_params(spec, params["u"], v_b, bias_b), x_b)
-        return jnp.mean(jnp.square(out - y_b))
+    def fc(f, h):
+        # Batched over blocks: h [n, T, in]; W_f [n, d, p] read as [in, out] (transposed FCs: p -> d).
+        eq = "ntp,ndp->ntd" if spec.transposed[f] else "ntd,ndp->ntp"
+        y = mixed_einsum(eq, h, ws[f], cd)
+        if bias is not None:
+            y = y + bias[spec.fc_names[f]][:, None, :].astype(f32)
+        return y
 
-    per_block = jax.vmap(one)(params["v"], bias, x, targets)
+    if spec.gated:
+        gate, up, down = range(3)
+        out = fc(down, act(fc(gate, x)) * fc(up, x))
+    else:
+        out = fc(1, act(fc(0, x)))
+    per_block = jnp.mean(jnp.square(out - targets.astype(f32)), axis=(1, 2))
     return jnp.mean(per_block), per_block
 
 
@@ -183,18 +253,21 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation, updater,
-              check_finite: bool = False) -> Callable:
+              check_finite: bool = False, mask_update: bool | None = None) -> Callable:
     """One update: grads of `loss_fn(params, *batch)`, the wrapped optimiser, then the masks.
 
     The forward sees params directly; pruned V entries are exactly zero, so the gradient w.r.t. V
     is dense (what RigL grows by). Undecorated: jit at the call site (donate params/opt_state).
     Returns (params, opt_state, loss, aux); with `check_finite` a fifth output, bool [3]: whether
     the loss, every gradient and every updated param are finite (one reduction each, in the step).
+    mask_update: None lets the step decide from its count; True/False builds a step that always /
+    never updates the masks (the caller picks by `updater.host_is_update_step(step)`).
     """
+    kw = {} if mask_update is None else {"mask_update": mask_update}
 
     def step(params, opt_state, *batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params, **kw)
         params = optax.apply_updates(params, updates)
         params = updater.post_gradient_update(params, sparsity.get_sparse_state(opt_state))
         if check_finite:
@@ -202,6 +275,32 @@ def make_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.Gra
         return params, opt_state, loss, aux
 
     return step
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(loss_fn: Callable, cfg: LocalOptConfig, mask_update: bool, out_shardings: Any) -> Callable:
+    """The jitted, donating step of `train`, one per (loss, config, branch, shardings): every
+    group (every block in sequential mode) of the same shapes reuses one compile when the
+    caller passes the same `loss_fn` object. out_shardings: a hashable `_Hashable` or None."""
+    tx, updater = make_optimizer(cfg)
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings.value}
+    return jax.jit(make_step(loss_fn, tx, updater, check_finite=True, mask_update=mask_update),
+                   donate_argnums=(0, 1), **kw)
+
+
+class _Hashable:
+    """A pytree of shardings keyed by its flattened form (dicts are not hashable)."""
+
+    def __init__(self, value):
+        self.value = value
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        self._key = (tuple(leaves), treedef)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self._key == other._key
 
 
 def minibatch_indices(key: jax.Array, step: jax.Array, n_tokens: int, batch: int) -> jax.Array:
@@ -259,12 +358,12 @@ def train(
     tx, updater = make_optimizer(cfg)
     # Copy: the step donates its buffers, and the caller keeps the initial params.
     params = jax.tree_util.tree_map(jnp.array, params)
-    jit_kw: dict[str, Any] = {}
+    out_shardings = None
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
         o_sh = sharding.shadow_shardings(jax.eval_shape(tx.init, params), params, param_shardings)
         scalar = jax.sharding.NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, jax.sharding.PartitionSpec())
-        jit_kw["out_shardings"] = (param_shardings, o_sh, scalar, scalar, scalar)
+        out_shardings = _Hashable((param_shardings, o_sh, scalar, scalar, scalar))
         init = jax.jit(tx.init, out_shardings=o_sh)
     else:
         init = tx.init
@@ -283,10 +382,14 @@ def train(
         losses = [float(x) for x in saved["losses"]]
         log(f"{name}: resumed at step {start}/{cfg.steps}")
     params, opt_state = state["params"], state["opt_state"]
-    step_fn = jax.jit(make_step(loss_fn, tx, updater, check_finite=True), donate_argnums=(0, 1), **jit_kw)
+    # Whether a step updates the masks is known here from its number (the optimiser's count is
+    # the step), so each step runs a program with only its branch; later mask updates that could
+    # change nothing (GMP after its ramp, RigL after t_end) are never run.
+    steps = {u: _compiled_step(loss_fn, cfg, u, out_shardings) for u in (False, True)}
     t0 = time.perf_counter()
     saved_at = start
     for step in range(start, cfg.steps):
+        step_fn = steps[updater.host_is_update_step(step)]
         params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *consts)
         losses.append(float(loss))
         done = step + 1

@@ -157,6 +157,9 @@ def group_shardings(r: Run, arch: base.Architecture, groups: dict) -> dict:
     return {n: sharding.group_shardings(p, r.mesh, r.rules, spec.fc_names, spec.transposed) for n, p in groups.items()}
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def check_config(cfg: dict) -> None:
     """Combinations of keys that cannot work, refused before any compute."""
     ft = cfg["finetune"]
@@ -164,6 +167,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"finetune.algorithm={ft['algorithm']!r} would break the N:M pattern of "
                          "local.algorithm='nm' (RigL swaps entries anywhere); set finetune.algorithm=static")
     finetune.from_config(ft, n_inputs=1)  # its own checks (loss, algorithm, batch, ...), up front
+    if cfg["local"].get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        raise ValueError(f"local.compute_dtype {cfg['local']['compute_dtype']!r} not in {COMPUTE_DTYPES}")
 
 
 def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=None) -> dict:
@@ -383,6 +388,14 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
     lcfg_template = local_config(cfg, 1)
     batch = min(cfg["local"]["batch_tokens"], n_tok)
     key = jax.random.PRNGKey(cfg["seed"])
+    compute_dtype = jnp.dtype(cfg["local"].get("compute_dtype", "float32"))
+
+    # One function for every group: `local_opt.train` reuses its compiled step across groups
+    # (and blocks, in sequential mode) of the same shapes.
+    def loss_fn(p, step, x, y):
+        idx = local_opt.minibatch_indices(key, step, x.shape[1], batch)
+        return local_opt.mlp_group_loss(p, spec, x[:, idx], y[:, idx], compute_dtype)
+
     for g, (layout, rank) in enumerate(plan):
         gdir = r.path("groups", f"g{g:02d}")
         if g < resume_at:
@@ -404,10 +417,6 @@ def compress_llm(r: Run, arch: base.Architecture, params: Any, tokenizer, plan) 
             p0 = group_init(arch, layout, rank, params, cfg["fips"]["tau"], cfg["fips"]["init"], r.mesh, r.rules)
             save_group(init_path, p0)
         p_sh = sharding.group_shardings(p0, r.mesh, r.rules, spec.fc_names, spec.transposed)
-
-        def loss_fn(p, step, x, y):
-            idx = local_opt.minibatch_indices(key, step, x.shape[1], batch)
-            return local_opt.mlp_group_loss(p, spec, x[:, idx], y[:, idx])
 
         steps = _steps(n_tok, batch, cfg["local"]["epochs"])
         lcfg = dataclasses.replace(lcfg_template, steps=steps)
@@ -553,6 +562,9 @@ def _images(src: dict, arch: base.Architecture, seed: int) -> tuple[np.ndarray, 
 
 def compress_vit(r: Run, arch: base.Architecture, params: Any, plan) -> dict:
     cfg, dc, log = r.cfg, r.cfg["data"], r.log
+    if cfg["local"].get("compute_dtype", "float32") != "float32":
+        raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
+                         "calibration runs in float32")
     calib, calib_labels = _images(dc["calib"], arch, cfg["seed"])
     eval_images, eval_labels = _images(dc["eval"], arch, cfg["seed"] + 1)
     holdout = eval_images[: dc["holdout_images"]]

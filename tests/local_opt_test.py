@@ -101,3 +101,29 @@ def test_minibatches_are_a_function_of_the_step():
     # One epoch (3 batches of 32 from 100) has no repeated position.
     epoch = np.concatenate([local_opt.minibatch_indices(key, jnp.int32(s), 100, 32) for s in range(3)])
     assert len(set(epoch.tolist())) == 96
+
+
+def test_bfloat16_matmuls_track_float32():
+    """compute_dtype=bfloat16 rounds the matmul operands only: loss and gradients within ~1%."""
+    w, x, y = _target(3, False)
+    fac = svd_init.init_group(w, 2, N, F)  # below the target's rank 4: a loss far above bf16 rounding
+    params = {"u": fac.u, "v": fac.v}
+    grad = jax.value_and_grad(lambda p, dt: local_opt.mlp_group_loss(p, GATED, x, y, dt)[0])
+    (l32, g32), (l16, g16) = grad(params, jnp.float32), grad(params, jnp.bfloat16)
+    assert l16.dtype == jnp.float32 and g16["v"].dtype == jnp.float32
+    assert float(l16) == pytest.approx(float(l32), rel=2e-2)
+    for k in ("u", "v"):
+        rel = float(jnp.linalg.norm(g16[k] - g32[k]) / jnp.linalg.norm(g32[k]))
+        assert rel < 3e-2, (k, rel)
+
+
+def test_train_reuses_one_compile_for_the_same_loss_and_shapes(tmp_path):
+    w, x, y = _target(4, False)
+    fac = svd_init.init_group(w, 6, N, F)
+    cfg = local_opt.LocalOptConfig(steps=6, lr=1e-2, update_freq=2)
+    local_opt._compiled_step.cache_clear()
+    for i in range(2):
+        local_opt.train({"u": fac.u, "v": fac.v}, _loss, (x, y), cfg, str(tmp_path / f"ck{i}"), log=lambda m: None)
+    info = local_opt._compiled_step.cache_info()
+    assert (info.misses, info.hits) == (2, 2)  # one step with and one without the mask update
+    assert local_opt._compiled_step(_loss, cfg, False, None)._cache_size() == 1

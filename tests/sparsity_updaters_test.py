@@ -374,3 +374,42 @@ def test_create_updater_validation():
     assert isinstance(sparsity.create_updater("nm", 0.5), NM)
     with pytest.raises(ValueError, match="blk/v: shape"):
         NM(axis=0).instant_sparsify({"blk": {"v": jnp.ones((3, 4))}})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GMP(sparsity=0.8, t_end=40, update_freq=5),
+    lambda: RigL(sparsity=0.6, t_end=30, drop_fraction=0.3, update_freq=5),
+])
+def test_host_picked_branch_equals_the_device_conditional(make):
+    """A loop that picks `mask_update` per step by `host_is_update_step` computes what the
+    `lax.cond` step does, including past the last scheduled change: the same masks, and values
+    equal up to float rounding (the two programs fuse Adam's arithmetic differently)."""
+    updater = make()
+    tx = updater.wrap_optax(optax.adam(0.1))
+
+    def run(host):
+        params = _toy_params()
+        state = tx.init(params)
+        rng = np.random.default_rng(3)
+        steps = {u: jax.jit(lambda p, s, g, u=u: tx.update(g, s, p, mask_update=u)) for u in (False, True, None)}
+        for t in range(50):
+            grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+            updates, state = steps[updater.host_is_update_step(t) if host else None](params, state, grads)
+            params = updater.post_gradient_update(optax.apply_updates(params, updates), state)
+        return params, state
+
+    (p_host, s_host), (p_dev, s_dev) = run(True), run(False)
+    for a, b in zip(jax.tree.leaves(s_host.masks), jax.tree.leaves(s_dev.masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves((p_host, s_host)), jax.tree.leaves((p_dev, s_dev))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_gmp_stops_updating_after_its_ramp():
+    """With 24 steps, a mask update every 3 and the ramp ending at step 9, the updates at 12-21
+    could change nothing and are skipped; before that every multiple of 3 updates."""
+    updater = GMP(sparsity=0.75, t_end=12, update_freq=3)
+    assert updater.last_update_step() == 9
+    assert [t for t in range(24) if updater.host_is_update_step(t)] == [3, 6, 9]
+    assert [t for t in range(24) if bool(updater.is_update_step(jnp.int32(t)))] == [3, 6, 9]
+    assert not Static(sparsity=0.5).host_is_update_step(50)

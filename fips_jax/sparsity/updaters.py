@@ -116,9 +116,24 @@ class SparsityUpdater:
         """Sparsity of the mask built by `wrap_optax(...).init` (a Python float)."""
         return self.sparsity
 
+    def last_update_step(self) -> int | None:
+        """The last count at which an update can change the masks (None: no end). Later update
+        steps would recompute the masks they already hold, so they are skipped."""
+        return None
+
     def is_update_step(self, count: jnp.ndarray) -> jnp.ndarray:
         """bool scalar: whether the masks are recomputed at this count."""
-        return (count > 0) & (count % self.update_freq == 0)
+        due = (count > 0) & (count % self.update_freq == 0)
+        last = self.last_update_step()
+        return due if last is None else due & (count <= last)
+
+    def host_is_update_step(self, count: int) -> bool:
+        """`is_update_step` for a Python int count: lets a training loop pick, per step, a
+        compiled step with or without the mask update (`tx.update(..., mask_update=...)`)."""
+        if not self.dynamic or count <= 0 or count % self.update_freq:
+            return False
+        last = self.last_update_step()
+        return last is None or count <= last
 
     def update_masks(self, ws: list, masks: list, grads: list, count: jnp.ndarray) -> list:
         """New flat masks on an update step. ws/grads: flat leaves, None for dense leaves."""
@@ -203,7 +218,11 @@ class SparsityUpdater:
                 count=jnp.zeros([], jnp.int32),
             )
 
-        def update_fn(updates, state, params=None, **extra_args):
+        def update_fn(updates, state, params=None, mask_update=None, **extra_args):
+            """mask_update: None decides on device from the count (`lax.cond`); a Python bool
+            (the caller knows the count, `host_is_update_step`) compiles only that branch, so
+            a step without a mask update carries no conditional, whose branches would copy
+            every mask and V at each step."""
             old = mk.flatten_like(updates, state.masks)
             grads = jax.tree.leaves(updates)
             # The inner optimiser only sees gradients of kept entries, so pruned entries build
@@ -221,12 +240,15 @@ class SparsityUpdater:
                     )
                 ws = [None if m is None else w for w, m in zip(jax.tree.leaves(params), old)]
                 dense_grads = [None if m is None else g for g, m in zip(grads, old)]
-                new = jax.lax.cond(
-                    self.is_update_step(state.count),
-                    lambda: self.update_masks(ws, old, dense_grads, state.count),
-                    lambda: old,
-                )
-                if self.resets_moments():
+                if mask_update is None:
+                    new = jax.lax.cond(
+                        self.is_update_step(state.count),
+                        lambda: self.update_masks(ws, old, dense_grads, state.count),
+                        lambda: old,
+                    )
+                elif mask_update:
+                    new = self.update_masks(ws, old, dense_grads, state.count)
+                if self.resets_moments() and new is not old:
                     grown = [None if o is None else n & ~o for n, o in zip(new, old)]
                     inner_state = reset_moments(inner_state, jax.tree.structure(updates), grown)
 
@@ -303,6 +325,10 @@ class GMP(SparsityUpdater):
     def initial_sparsity(self) -> float:
         return self.schedule.initial
 
+    def last_update_step(self) -> int:
+        # From end_step on the schedule is constant and the kept set already has its count.
+        return self.schedule.end_step
+
     def update_masks(self, ws, masks, grads, count):
         return self.magnitude_masks(ws, masks, self.schedule(count))
 
@@ -336,8 +362,8 @@ class RigL(SparsityUpdater):
     def resets_moments(self) -> bool:
         return not self.reference_parity
 
-    def is_update_step(self, count):
-        return super().is_update_step(count) & (count < self.t_end)
+    def last_update_step(self) -> int:
+        return self.t_end - 1
 
     def update_masks(self, ws, masks, grads, count):
         frac = CosineDecay(self.drop_fraction, self.t_end)(count)
@@ -416,6 +442,9 @@ class NM(SparsityUpdater):
 
     def initial_sparsity(self) -> float:
         return self.schedule.initial if self.t_end else self.sparsity
+
+    def last_update_step(self) -> int | None:
+        return self.schedule.end_step if self.t_end else None
 
     def sparse_leaves(self, params: PyTree) -> list:
         ws = super().sparse_leaves(params)
