@@ -183,6 +183,21 @@ class DecoderSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
+def spec_from_hf_fields(cfg: Any, activation: str, **switches) -> DecoderSpec:
+    """A `DecoderSpec` from a config with HF field names (vocab_size, hidden_size,
+    intermediate_size, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
+    rope_theta, num_hidden_layers, tie_word_embeddings): global attention on every layer scaled by
+    head_dim ** -0.5 and no rope scaling, unless `switches` (any other DecoderSpec field) say
+    otherwise. Each family's `decoder_spec` adds only what makes it that family."""
+    common = dict(
+        vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, d_ff=cfg.intermediate_size,
+        num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        activation=activation, norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, rope_scaling=None,
+        layer_windows=(None,) * cfg.num_hidden_layers, attn_scale=float(cfg.head_dim) ** -0.5,
+        tie_embeddings=cfg.tie_word_embeddings)
+    return DecoderSpec(**{**common, **switches})
+
+
 class DecoderContext(NamedTuple):
     """What every block needs besides the hidden state.
 

@@ -85,24 +85,8 @@ class GemmaConfig:
         }
 
     def decoder_spec(self) -> dc.DecoderSpec:
-        return dc.DecoderSpec(
-            vocab_size=self.vocab_size,
-            d_model=self.hidden_size,
-            d_ff=self.intermediate_size,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation="gelu_tanh",
-            norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=None,
-            layer_windows=(None,) * self.num_hidden_layers,
-            attn_scale=float(self.head_dim) ** -0.5,
-            attn_bias=self.attention_bias,
-            tie_embeddings=self.tie_word_embeddings,
-            norm_unit_offset=True,
-            scale_embeddings=True,
-        )
+        return dc.spec_from_hf_fields(self, "gelu_tanh", attn_bias=self.attention_bias, norm_unit_offset=True,
+                                      scale_embeddings=True)
 
 
 @dataclasses.dataclass(frozen=True)

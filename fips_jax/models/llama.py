@@ -76,23 +76,8 @@ class LlamaConfig:
         return out
 
     def decoder_spec(self) -> dc.DecoderSpec:
-        return dc.DecoderSpec(
-            vocab_size=self.vocab_size,
-            d_model=self.hidden_size,
-            d_ff=self.intermediate_size,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation="silu",
-            norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            layer_windows=(None,) * self.num_hidden_layers,
-            attn_scale=self.head_dim**-0.5,
-            attn_bias=self.attention_bias,
-            mlp_bias=self.mlp_bias,
-            tie_embeddings=self.tie_word_embeddings,
-        )
+        return dc.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling, attn_bias=self.attention_bias,
+                                      mlp_bias=self.mlp_bias)
 
 
 @dataclasses.dataclass(frozen=True)

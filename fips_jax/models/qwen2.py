@@ -109,22 +109,8 @@ class Qwen2Config:
 
     def decoder_spec(self) -> dc.DecoderSpec:
         windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
-        return dc.DecoderSpec(
-            vocab_size=self.vocab_size,
-            d_model=self.hidden_size,
-            d_ff=self.intermediate_size,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            activation="silu",
-            norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            layer_windows=windows,
-            attn_scale=self.head_dim**-0.5,
-            qkv_bias=True,
-            tie_embeddings=self.tie_word_embeddings,
-        )
+        return dc.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling, layer_windows=windows,
+                                      qkv_bias=True)
 
 
 @dataclasses.dataclass(frozen=True)
