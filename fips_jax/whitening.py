@@ -338,15 +338,37 @@ def _orthonormal(u: np.ndarray) -> np.ndarray:
     return q
 
 
+def _candidate_basis(ws, g_in, g_h, transposed, r0: int, alpha: float) -> np.ndarray:
+    """Orthonormal U [d, r0] spanning the top-r0 PCA subspace in coordinates y = A x,
+    A = (G / c)^(alpha / 2), G = mean_b G_in_b, c = tr(G) / d. Input-side terms enter as
+    sqrt(c) A W (their exact whitened form at alpha = 1), output-side terms as A W T_b^T (their
+    exact form at alpha = 0), both in units of squared outputs x tokens."""
+    n, f, d, _ = ws.shape
+    g = np.mean(g_in, axis=0)
+    c = np.trace(g) / d
+    lam, q = np.linalg.eigh(g / c)
+    lam = np.maximum(lam, 1e-12 * max(float(lam[-1]), 1e-300))
+    a, a_inv = (q * lam ** (alpha / 2)) @ q.T, (q * lam ** (-alpha / 2)) @ q.T
+    cov = np.zeros((d, d))
+    for b in range(n):
+        for i in range(f):
+            m = a @ ws[b, i]
+            cov += m @ g_h[b] @ m.T if transposed[i] else c * (m @ m.T)
+    _, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    return _orthonormal(a_inv @ vecs[:, ::-1][:, :r0])
+
+
 def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], rank: int, tau: float = 32.0,
-                        damp: float = 0.0, steps: int = 0, cg_iters: int = 50) -> FipsFactors:
+                        damp: float = 0.0, steps: int = 0, cg_iters: int = 50,
+                        alphas: Sequence[float] = (0.0, 0.5, 1.0)) -> FipsFactors:
     """An activation-aware shared basis for one FiPS group, with every V exactly optimal.
 
     ws: [n, F, d, p] the group's FCs in FiPS orientation (down/fc2 transposed to [d, p]);
     grams_in: [n, d, d] each block's MLP-input X_b^T X_b; grams_hidden: [n, p, p] each block's
-    H_b^T H_b (the input of down/fc2); transposed: per FC, True for down/fc2; rank: r.
-    Returns FipsFactors(u [d, r], v [n, F, r, p]) in float32, U with orthonormal columns (zero
-    columns past d when grown), rows of V ordered by decreasing energy like `svd_init`'s.
+    H_b^T H_b (the input of down/fc2; None if no FC is output-side); transposed: per FC, True
+    for down/fc2; rank: r. Returns FipsFactors(u [d, r], v [n, F, r, p]) in float32, U with
+    orthonormal columns (zero columns past d when grown), rows of V ordered by decreasing
+    energy like `svd_init`'s.
 
     Objective (output reconstruction error on the calibration inputs, damped grams):
       L(U, V) = sum_b [ sum_{f in}  ||X_b (W_bf - U V_bf)||^2
@@ -354,30 +376,36 @@ def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], 
     Given U, every V_bf has a closed form (`refit_v`), and the optimal U V_bf depends on
     span(U) only, so L is a function of the subspace. It has no closed-form minimiser in
     general: each block weights its input-side terms by its own X_b, and the output-side terms
-    weight the d axis uniformly while the input-side terms weight it by X_b. Construction:
+    weight the d axis uniformly (error on the model-width output, rows of H_b act on p) while
+    the input-side terms weight it by X_b. What is exact, term by term, with G = mean_b G_in_b:
 
-    1. Pool the input statistics: G = mean_b G_in_b, S^T S = G. With one common G the
-       input-side part is sum ||(I - Pi_{S U}) S W_bf||^2, a PCA of the columns of S W_bf in
-       whitened coordinates z = S x (exact when all blocks share their input gram).
-    2. Express the output-side terms in the same coordinates: their optimum is the PCA of the
-       columns of M_bf = W_bf T_b^T (T_b^T T_b = G_hid_b) in plain coordinates; mapped through
-       S_bar = S / sqrt(tr(G) / d) (S normalised to unit mean eigenvalue) this is exact when G is
-       isotropic and keeps both kinds of terms in their own units (squared outputs x tokens).
-    3. span(S U) = the top-r left singular vectors of [S W_in..., S_bar M_out...], computed as
-       the top eigenvectors of sum S W W^T S^T + sum S_bar W G_hid W^T S_bar^T ([d, d]; no
-       p x p factorisation). U = S^{-1} (those vectors), orthonormalised (QR; span unchanged).
-    4. V = refit_v(U): exactly optimal per block and FC given U.
-    5. `steps` alternating steps (optional): U given V by CG on the normal equations
+    * input-side with a common gram: sum ||(I - Pi_{S U}) S W_bf||^2 (S^T S = G), a PCA of the
+      columns of S W_bf in whitened coordinates z = S x (SVD-LLM / Basis Sharing);
+    * output-side: ||(I - P_U) W_bf T_b^T||^2 (T_b^T T_b = G_hid_b, P_U the orthogonal
+      projector), a PCA of the columns of W_bf T_b^T in plain coordinates.
+
+    Construction:
+    1. For each alpha in `alphas`, a candidate subspace: the top-r PCA subspace of all terms in
+       the coordinates y = (G / c)^(alpha/2) x (c = tr(G)/d), i.e. the top eigenvectors of
+       sum_in c A W W^T A + sum_out A W G_hid W^T A (a [d, d] matrix; no p x p factorisation),
+       mapped back by A^-1 and orthonormalised (QR; span unchanged). alpha = 1 is exact for
+       the input-side terms (whitened coordinates, G^(1/2) = Q S with Q orthogonal), alpha = 0
+       for the output-side ones; both kinds keep their units (squared outputs x tokens).
+    2. V = refit_v(U) for each candidate; keep the candidate with the lowest L (so the result
+       is never worse than either exact end point).
+    3. `steps` alternating steps (optional): U given V by CG on the normal equations
        (`cg_iters` iterations, warm start), re-orthonormalise, refit V. Each step is
-       block-coordinate descent on L, so L never increases.
-    6. Rotate within span(U) so the rows of V are ordered by energy (SVD of the concatenated
+       block-coordinate descent on L, so L never increases. Cost per CG iteration
+       ~ 2 n d^2 r; the setup ~ n d p^2 per output-side FC.
+    4. Rotate within span(U) so the rows of V are ordered by energy (SVD of the concatenated
        V's; U V unchanged).
 
-    For n = 1, F = 1 input-side this is SVD-LLM's optimum; for n = 1, F = 1 output-side step 3
-    is optimal only when G is isotropic (steps refine it). For r >= d the span is all of R^d,
-    every FC is reconstructed exactly, and the result is `svd_init.init_group`'s (U = left
-    singular vectors of W_s, V = diag(S) Vh, up to signs), including its hybrid growth: r - d
-    zero columns in U, extra rows of V = the top rows divided by tau, reused cyclically.
+    For n = 1, F = 1 this is the optimum (SVD-LLM's for an input-side FC, the hidden-weighted
+    PCA for an output-side one) as long as alphas contains 1 resp. 0. For r >= d the span is
+    all of R^d, every FC is reconstructed exactly, and the result is `svd_init.init_group`'s
+    (U = left singular vectors of W_s, V = diag(S) Vh, up to signs), including its hybrid
+    growth: r - d zero columns in U, extra rows of V = the top rows divided by tau, reused
+    cyclically.
     """
     ws, g_in, g_h = _check_group(ws, grams_in, grams_hidden, transposed)
     n, f, d, p = ws.shape
@@ -385,29 +413,24 @@ def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], 
         raise ValueError(f"rank {rank} must be >= 1")
     if tau <= 0:
         raise ValueError(f"tau {tau} must be > 0")
+    if not alphas:
+        raise ValueError("alphas: give at least one coordinate exponent (e.g. (0.0, 0.5, 1.0))")
     g_in, g_h = _damp_all(g_in, damp), _damp_all(g_h, damp)
     k = min(d, n * f * p)
     r0 = min(rank, k)
     if r0 >= d:
-        u = np.eye(d)
+        # U = I spans everything and V = W is exact (the pseudo-inverse solution of a singular
+        # gram would be another exact-in-the-weighted-norm V, not W).
+        u, v = np.eye(d), ws.copy()
     else:
-        wh = whitener(np.mean(g_in, axis=0))
-        s_bar = wh.s / np.sqrt(np.trace(np.mean(g_in, axis=0)) / d)
-        cov = np.zeros((d, d))
-        for b in range(n):
-            for i in range(f):
-                if transposed[i]:
-                    m = s_bar @ ws[b, i]
-                    cov += m @ g_h[b] @ m.T
-                else:
-                    m = wh.s @ ws[b, i]
-                    cov += m @ m.T
-        _, vecs = np.linalg.eigh((cov + cov.T) / 2)
-        u = _orthonormal(wh.s_inv @ vecs[:, ::-1][:, :r0])
-    # r >= d: U = I spans everything and V = W is exact (the pseudo-inverse solution of a
-    # singular gram would be another exact-in-the-weighted-norm V, not W).
-    v = ws.copy() if r0 >= d else refit_v(u, ws, g_in, g_h, transposed)
-    if r0 < d:
+        best = None
+        for alpha in alphas:
+            u_c = _candidate_basis(ws, g_in, g_h, transposed, r0, float(alpha))
+            v_c = refit_v(u_c, ws, g_in, g_h, transposed)
+            err = weighted_error(u_c, v_c, ws, g_in, g_h, transposed)
+            if best is None or err < best[0]:
+                best = (err, u_c, v_c)
+        _, u, v = best
         for _ in range(steps):
             u = _orthonormal(_u_step(u, v, ws, g_in, g_h, transposed, cg_iters))
             v = refit_v(u, ws, g_in, g_h, transposed)

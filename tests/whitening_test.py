@@ -172,6 +172,21 @@ def test_whitened_init_single_input_fc_is_svd_llm():
     assert _err(x, w, u @ v[0, 0]) == pytest.approx(_err(x, w, a @ b), rel=1e-5)  # float32 factors
 
 
+def test_whitened_init_single_output_fc_is_the_hidden_weighted_optimum():
+    """down/fc2 alone: ||H (W - U V)^T||^2 over rank r is Eckart-Young on W T^T (T^T T = H^T H):
+    the tail of the eigenvalues of W G_hid W^T, whatever the (anisotropic) input gram."""
+    rng = np.random.default_rng(8)
+    d, p, r = 10, 14, 4
+    w, h = rng.standard_normal((d, p)), _aniso_x(200, p, rng)
+    g_hid, g_in = h.T @ h, (lambda x: x.T @ x)(_aniso_x(200, d, rng, spread=4.0))
+    fac = whitening.whitened_group_init(w[None, None], g_in[None], g_hid[None], (True,), r)
+    u, v = _f64(fac)
+    optimum = float(np.sum(np.linalg.eigvalsh(w @ g_hid @ w.T)[:d - r]))
+    assert float(np.sum((h @ (w - u @ v[0, 0]).T) ** 2)) == pytest.approx(optimum, rel=1e-5)
+    only_whitened = whitening.whitened_group_init(w[None, None], g_in[None], g_hid[None], (True,), r, alphas=(1.0,))
+    assert whitening.weighted_error(*_f64(only_whitened), w[None, None], g_in[None], g_hid[None], (True,)) > 1.05 * optimum
+
+
 def test_whitened_init_beats_svd_init_on_a_gated_group():
     ws, gi, gh = _gated_group()
     tr = GATED.transposed
