@@ -271,19 +271,16 @@ def weighted_error(u, v, ws, grams_in, grams_hidden, transposed: Sequence[bool],
     the same sum for E = W (the error of U V = 0)."""
     ws, g_in, g_h = _check_group(ws, grams_in, grams_hidden, transposed)
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+
+    def sq(e, b, out_side):
+        return float(np.sum(e * (e @ g_h[b])) if out_side else np.sum(e * (g_in[b] @ e)))
+
     n, f = ws.shape[:2]
-    err = ref = 0.0
-    for b in range(n):
-        for i in range(f):
-            for e, acc in ((ws[b, i] - u @ v[b, i], "err"), (ws[b, i], "ref")):
-                if acc == "ref" and not relative:
-                    continue
-                val = float(np.sum(e * (e @ g_h[b])) if transposed[i] else np.sum(e * (g_in[b] @ e)))
-                if acc == "err":
-                    err += val
-                else:
-                    ref += val
-    return err / ref if relative else err
+    err = sum(sq(ws[b, i] - u @ v[b, i], b, transposed[i]) for b in range(n) for i in range(f))
+    if not relative:
+        return err
+    ref = sum(sq(ws[b, i], b, transposed[i]) for b in range(n) for i in range(f))
+    return err / ref
 
 
 def _u_step(u, v, ws, g_in, g_h, transposed, iters: int) -> np.ndarray:

@@ -257,3 +257,16 @@ def test_group_bad_arguments():
         whitening.whitened_group_init(ws, gi, gh, (False, True), 4)
     with pytest.raises(ValueError, match="grams_hidden: required"):
         whitening.refit_v(np.eye(8), ws, gi, None, GATED.transposed)
+
+
+def test_weighted_error_is_the_output_error_of_each_fc():
+    """gate/up: ||X (W - U V)||^2; down (kernel W^T, y = h W^T): ||H (W - U V)^T||^2."""
+    rng = np.random.default_rng(9)
+    n, d, p, r = 2, 6, 9, 3
+    ws = rng.standard_normal((n, 3, d, p))
+    xs, hs = rng.standard_normal((n, 40, d)), rng.standard_normal((n, 40, p))
+    u, v = rng.standard_normal((d, r)), rng.standard_normal((n, 3, r, p))
+    direct = sum(float(np.sum((xs[b] @ (ws[b, i] - u @ v[b, i])) ** 2)) for b in range(n) for i in (0, 1))
+    direct += sum(float(np.sum((hs[b] @ (ws[b, 2] - u @ v[b, 2]).T) ** 2)) for b in range(n))
+    gi, gh = np.einsum("btd,bte->bde", xs, xs), np.einsum("btp,btq->bpq", hs, hs)
+    assert whitening.weighted_error(u, v, ws, gi, gh, GATED.transposed) == pytest.approx(direct, rel=1e-12)
