@@ -187,3 +187,19 @@ def test_group_pruning_beats_magnitude_on_the_weighted_error():
             k = keep[b, i].reshape(12, 6, 4).sum(axis=2) if t else keep[b, i].reshape(3, 4, 24).sum(axis=1)
             assert np.all(k == 2)
     assert whitening.weighted_error(u, v_nm, ws, gi, gh, tr) - e_dense < extra_mag
+
+
+def test_group_pruning_with_hybrid_growth_prunes_the_grown_rows_first():
+    """r > d: the rows of V behind U's zero columns carry no output, so their saliency is ~0
+    and they are pruned first (documented; prune v[:, :, :d] to keep them)."""
+    from whitening_test import GATED, _gated_group
+
+    ws, gi, gh = _gated_group(n=2, d=16, p=24, tokens=600, seed=3)
+    fac = whitening.whitened_group_init(ws, gi, gh, GATED.transposed, 24)
+    u, v = np.asarray(fac.u, np.float64), np.asarray(fac.v, np.float64)
+    v_hat, keep = obs.obs_prune_group(u, v, gi, gh, GATED.transposed, 0.25)
+    assert np.isfinite(v_hat).all() and keep.mean() == pytest.approx(0.75)
+    # 25% = 144 entries per FC, 192 grown ones: down (row weights ||u_i||^2 = 0) loses only
+    # grown entries; gate/up (damped Hessian, grown rows = top rows / tau) nearly only.
+    pruned_grown = (~keep[:, :, 16:]).sum(axis=(2, 3))
+    assert np.all(pruned_grown[:, 2] == 144) and np.all(pruned_grown >= 0.95 * 144)
