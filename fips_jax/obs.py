@@ -109,8 +109,10 @@ def obs_prune(v, hessian, sparsity: float, damp: float = 0.01, n: int | None = N
     damp: H + damp * mean(diag(H)) * I (essential when H is singular, e.g. r > d).
     order: "natural" walks r as given (SparseGPT); "saliency" walks it in increasing
       sum_j v_qj^2 / [H^-1]_qq, so the entries most likely pruned come first and their error
-      can be pushed onto every other entry. With p = 1 and one entry pruned this is exactly the
-      OBS optimum; SparseGPT's natural order is exact only if that entry happens to be first.
+      can be pushed onto every other entry. With p = 1, one entry pruned and r <= block_size
+      this is exactly the OBS optimum (the first entry's score w^2 / C_00^2 = w^2 / [H^-1]_qq is
+      the smallest OBS saliency, and every later C_ii^2 <= [H^-1]_ii only raises the others'
+      scores); in natural order it is exact only if that entry happens to come first.
     refit: after the masks are fixed, replace every column's kept entries by the exact
       optimum `v_K + H_KK^-1 H_KP v_P` (damped H). Costs a solve of size |K| per column,
       O(p r^3): for small factors and references, not for 8B-scale groups.

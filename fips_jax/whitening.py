@@ -283,28 +283,52 @@ def weighted_error(u, v, ws, grams_in, grams_hidden, transposed: Sequence[bool],
     return err / ref
 
 
-def _u_step(u, v, ws, g_in, g_h, transposed, iters: int) -> np.ndarray:
+def _output_side_gram(ws, g_h, transposed) -> np.ndarray:
+    """P_out = sum_{b, f out} W_bf G_hid_b W_bf^T [d, d]: with U orthonormal and the optimal
+    V_bf = U^T W_bf, every output-side quantity below needs G_hid only through P_out
+    (error tr(P_out) - tr(U^T P_out U), CG terms P_out U and U^T P_out U): one d p^2 product
+    per output-side FC, none per candidate or step."""
+    n, f, d, _ = ws.shape
+    p_out = np.zeros((d, d))
+    for b in range(n):
+        for i in range(f):
+            if transposed[i]:
+                p_out += ws[b, i] @ g_h[b] @ ws[b, i].T
+    return (p_out + p_out.T) / 2
+
+
+def _error_given_u(u, v, ws, g_in, p_out, transposed) -> float:
+    """L(U, V) for orthonormal u and v = refit_v(u): input side directly, output side by trace."""
+    n, f = ws.shape[:2]
+    err = float(np.trace(p_out) - np.trace(u.T @ p_out @ u))
+    for b in range(n):
+        for i in range(f):
+            if not transposed[i]:
+                e = ws[b, i] - u @ v[b, i]
+                err += float(np.sum(e * (g_in[b] @ e)))
+    return err
+
+
+def _u_step(u, v, ws, g_in, p_out, transposed, iters: int) -> np.ndarray:
     """U minimising the weighted error with V fixed, by conjugate gradients from u.
 
     The error is a quadratic in U with normal equations A(U) = C,
       A(U) = sum_b G_in_b U (sum_{f in} V_bf V_bf^T) + U (sum_{b, f out} V_bf G_hid_b V_bf^T),
       C    = sum_b G_in_b (sum_{f in} W_bf V_bf^T) + sum_{b, f out} W_bf G_hid_b V_bf^T;
     A is symmetric PSD in the Frobenius inner product, and CG started from u never increases
-    the quadratic, so an alternating step never increases the error.
+    the quadratic, so an alternating step never increases the error. u must be orthonormal and
+    v = refit_v(u): then the output-side V_bf = u^T W_bf and those sums are u^T P_out u and
+    P_out u.
     """
     n, f = ws.shape[:2]
     r = u.shape[1]
     a_b = np.zeros((n, r, r))
-    b_out = np.zeros((r, r))
-    c = np.zeros_like(u)
+    b_out = u.T @ p_out @ u
+    c = p_out @ u
     for b in range(n):
         rhs_in = np.zeros_like(u)
         for i in range(f):
-            if transposed[i]:
-                vg = v[b, i] @ g_h[b]
-                b_out += vg @ v[b, i].T
-                c += ws[b, i] @ vg.T
-            else:
+            if not transposed[i]:
                 a_b[b] += v[b, i] @ v[b, i].T
                 rhs_in += ws[b, i] @ v[b, i].T
         c += g_in[b] @ rhs_in
@@ -335,22 +359,16 @@ def _orthonormal(u: np.ndarray) -> np.ndarray:
     return q
 
 
-def _candidate_basis(ws, g_in, g_h, transposed, r0: int, alpha: float) -> np.ndarray:
+def _candidate_basis(g_eig: tuple, p_in: np.ndarray, p_out: np.ndarray, r0: int, alpha: float) -> np.ndarray:
     """Orthonormal U [d, r0] spanning the top-r0 PCA subspace in coordinates y = A x,
-    A = (G / c)^(alpha / 2), G = mean_b G_in_b, c = tr(G) / d. Input-side terms enter as
-    sqrt(c) A W (their exact whitened form at alpha = 1), output-side terms as A W T_b^T (their
-    exact form at alpha = 0), both in units of squared outputs x tokens."""
-    n, f, d, _ = ws.shape
-    g = np.mean(g_in, axis=0)
-    c = np.trace(g) / d
-    lam, q = np.linalg.eigh(g / c)
-    lam = np.maximum(lam, 1e-12 * max(float(lam[-1]), 1e-300))
+    A = (G / c)^(alpha / 2), c = tr(G) / d. Input-side terms enter as sqrt(c) A W (their exact
+    whitened form at alpha = 1), output-side terms as A W T_b^T (their exact form at
+    alpha = 0), both in units of squared outputs x tokens: the PCA matrix is
+    A (c P_in + P_out) A with P_in = sum_{in} W W^T and P_out as `_output_side_gram`.
+    g_eig: (c, lam, q), the eigendecomposition G / c = q diag(lam) q^T."""
+    c, lam, q = g_eig
     a, a_inv = (q * lam ** (alpha / 2)) @ q.T, (q * lam ** (-alpha / 2)) @ q.T
-    cov = np.zeros((d, d))
-    for b in range(n):
-        for i in range(f):
-            m = a @ ws[b, i]
-            cov += m @ g_h[b] @ m.T if transposed[i] else c * (m @ m.T)
+    cov = a @ (c * p_in + p_out) @ a
     _, vecs = np.linalg.eigh((cov + cov.T) / 2)
     return _orthonormal(a_inv @ vecs[:, ::-1][:, :r0])
 
@@ -384,7 +402,7 @@ def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], 
     Construction:
     1. For each alpha in `alphas`, a candidate subspace: the top-r PCA subspace of all terms in
        the coordinates y = (G / c)^(alpha/2) x (c = tr(G)/d), i.e. the top eigenvectors of
-       sum_in c A W W^T A + sum_out A W G_hid W^T A (a [d, d] matrix; no p x p factorisation),
+       A (c sum_in W W^T + sum_out W G_hid W^T) A (a [d, d] matrix; no p x p factorisation),
        mapped back by A^-1 and orthonormalised (QR; span unchanged). alpha = 1 is exact for
        the input-side terms (whitened coordinates, G^(1/2) = Q S with Q orthogonal), alpha = 0
        for the output-side ones; both kinds keep their units (squared outputs x tokens).
@@ -393,7 +411,8 @@ def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], 
     3. `steps` alternating steps (optional): U given V by CG on the normal equations
        (`cg_iters` iterations, warm start), re-orthonormalise, refit V. Each step is
        block-coordinate descent on L, so L never increases. Cost per CG iteration
-       ~ 2 n d^2 r; the setup ~ n d p^2 per output-side FC.
+       ~ 2 n d^2 r. The output-side terms enter everything only through the [d, d] matrix
+       sum_out W G_hid W^T, formed once (d p^2 per output-side FC).
     4. Rotate within span(U) so the rows of V are ordered by energy (SVD of the concatenated
        V's; U V unchanged).
 
@@ -420,16 +439,22 @@ def whitened_group_init(ws, grams_in, grams_hidden, transposed: Sequence[bool], 
         # gram would be another exact-in-the-weighted-norm V, not W).
         u, v = np.eye(d), ws.copy()
     else:
+        p_out = _output_side_gram(ws, g_h, transposed)
+        p_in = sum(ws[b, i] @ ws[b, i].T for b in range(n) for i in range(f) if not transposed[i])
+        g = np.mean(g_in, axis=0)
+        c = np.trace(g) / d
+        lam, q = np.linalg.eigh(g / c)
+        g_eig = (c, np.maximum(lam, 1e-12 * max(float(lam[-1]), 1e-300)), q)
         best = None
         for alpha in alphas:
-            u_c = _candidate_basis(ws, g_in, g_h, transposed, r0, float(alpha))
+            u_c = _candidate_basis(g_eig, p_in, p_out, r0, float(alpha))
             v_c = refit_v(u_c, ws, g_in, g_h, transposed)
-            err = weighted_error(u_c, v_c, ws, g_in, g_h, transposed)
+            err = _error_given_u(u_c, v_c, ws, g_in, p_out, transposed)
             if best is None or err < best[0]:
                 best = (err, u_c, v_c)
         _, u, v = best
         for _ in range(steps):
-            u = _orthonormal(_u_step(u, v, ws, g_in, g_h, transposed, cg_iters))
+            u = _orthonormal(_u_step(u, v, ws, g_in, p_out, transposed, cg_iters))
             v = refit_v(u, ws, g_in, g_h, transposed)
     # Order by energy: V_cat = A diag(s) B^T, U <- U A, V <- A^T V (U V unchanged, U orthonormal).
     v_cat = np.transpose(v, (2, 0, 1, 3)).reshape(r0, n * f * p)
