@@ -12,7 +12,7 @@ exactly as `base.mlp_apply` computes it (biases included).
 Precision: each chunk of tokens is multiplied in float32 on the accelerator at HIGHEST matmul
 precision (TPUs and recent GPUs otherwise use bf16/TF32 passes), and the chunk products are
 summed in float64 numpy on the host. The float32 partial sum inside one chunk has a relative
-error ~ eps32 * sqrt(chunk) (pairwise/blocked GEMM summation), bounded by the chunk size;
+error bounded by the chunk size (at worst ~ chunk * eps32, typically ~ sqrt(chunk) * eps32);
 accumulating 160k+ tokens' chunks in float32 would instead grow with the number of chunks, and
 the smallest eigenvalues of a Gram matrix (which the Cholesky whitening divides by) are the
 first to be lost. Float64 on the host costs one [d, d] + [p, p] addition per chunk, negligible
