@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fips_jax import config_base, data, export, pipeline  # noqa: E402
+from fips_jax import config_base, data, export, factors, pipeline  # noqa: E402
+from fips_jax.methods import per_layer_svd  # noqa: E402
 from fips_jax.evaluators import features  # noqa: E402
 from fips_jax.models import registry  # noqa: E402
 
@@ -56,7 +57,7 @@ def main():
         timings[f"pipeline {b:.2f}"] = time.perf_counter() - t0
         _, fips_params, _ = export.load(os.path.join(workdir, "compressed"))
         plan = pipeline.plan_groups(run_cfg, arch, dense)
-        models[f"per_layer_svd@{b:.2f}"], _ = pipeline.per_layer_svd_params(dense, plan, b)
+        models[f"per_layer_svd@{b:.2f}"] = factors.assemble(dense, per_layer_svd.compress(dense, arch.mlp_spec, plan, b))
         models[f"fips@{b:.2f}"] = fips_params
         runs[b] = metrics
 

@@ -49,6 +49,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.fips.mode = "joint"         # joint (vmapped group update) | sequential (authors' one MLP at a time)
     c.fips.reference_parity = False  # reproduce the authors' p=4d rank and GMP schedule
 
+    # Peer methods compressed, evaluated and reported beside FiPS at the same budget (fips_jax/methods):
+    # a comma-separated list of per_layer_svd | svd_llm | basis_sharing ("" = none).
+    c.compare = ml_collections.ConfigDict(dict(
+        methods="per_layer_svd",
+        train=False,        # also refine each peer's factors with FiPS's local optimisation (dense, same steps)
+        damp=1e-4,          # whitening: X^T X + damp * mean(diag) * I (the Cholesky needs a definite Gram)
+        share_blocks=2))    # basis_sharing: blocks sharing one gate/up basis
+
     c.local = ml_collections.ConfigDict()
     c.local.algorithm = "gmp"     # dense | static | gmp | rigl | nm
     c.local.epochs = 40.0

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import checkpointing, grouping, local_opt, sharding
+from fips_jax import checkpointing, factors, grouping, sharding
 from fips_jax.models import base, registry
 
 FORMAT = "fips_jax.compressed/1"
@@ -219,7 +219,7 @@ def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -
         p = tree["fips"][g["name"]]
         layout = grouping.GroupLayout(tuple(g["blocks"]), tuple(g["fc_names"]), tuple(g["transposed"]),
                                       tuple(tuple(r) for r in g["fc_paths"]), g["d"], g["p"])
-        for path, k in local_opt.group_kernels(p, layout).items():
+        for path, k in factors.group_kernels(p, layout).items():
             params = base.set_path(params, path, jnp.asarray(k))
         if "bias" in p:
             for f, name in enumerate(layout.fc_names):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fips_jax import grouping, local_opt
+from fips_jax import factors, grouping, local_opt
 from fips_jax.sparsity import masks
 from fips_jax.models import base
 
@@ -141,7 +141,7 @@ def make_loss(arch: base.Architecture, layouts: Mapping[str, grouping.GroupLayou
     def loss_fn(params, step, inputs, dense, labels=None):
         idx = local_opt.minibatch_indices(key, step, inputs.shape[0], batch)
         x = inputs[idx]
-        student = arch.apply(local_opt.assemble(dense, [(layouts[n], params[n]) for n in names]), x)
+        student = arch.apply(factors.assemble(dense, [(layouts[n], params[n]) for n in names]), x)
         if cfg.loss == "ce":
             if arch.is_causal_lm:
                 logits, target = student[:, :-1], x[:, 1:]

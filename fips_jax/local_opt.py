@@ -1,10 +1,6 @@
-"""Local error minimisation: reconstruction losses for one group and the update step.
+"""Local error minimisation: reconstruction losses for one group and the resumable training loop.
 
-A group's trainable params are a plain dict (so checkpoints need no custom types):
-
-    {"u": [d, r], "v": [n, F, r, p], "bias": {fc_name: [n, out]}}   # "bias" only if the MLP has biases
-
-Block b's FC f is `W = u @ v[b, f]` written as `d x p` (transposed back for fc2/down).
+A group's trainable params are `factors`' dict {"u", "v", "bias"}.
 The loss materialises W: for calibration batches (thousands of tokens) `d*r*p` flops per FC
 are cheaper than the factored `T*(d*r + r*p)`.
 """
@@ -21,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fips_jax import grouping, sparsity
+from fips_jax import factors, grouping, sparsity
 from fips_jax.models import base
-from fips_jax.svd_init import FipsFactors
 
 Params = dict[str, Any]
 
@@ -76,54 +71,6 @@ def make_optimizer(cfg: LocalOptConfig):
     return updater.wrap_optax(optax.adamw(lr, weight_decay=cfg.weight_decay)), updater
 
 
-def init_group_params(factors: FipsFactors, dense_params: Mapping[str, Any], layout: grouping.GroupLayout, spec: base.MlpSpec) -> Params:
-    """Trainable params of one group from its SVD factors; biases start from the dense model's."""
-    out: Params = {"u": factors.u, "v": factors.v}
-    if spec.has_bias:
-        out["bias"] = {
-            name: jnp.stack([base.get_path(dense_params, f"{row[f].rsplit('/', 1)[0]}/bias").astype(jnp.float32)
-                             for row in layout.fc_paths])
-            for f, name in enumerate(spec.fc_names)
-        }
-    return out
-
-
-def block_mlp_params(spec: base.MlpSpec, u: jax.Array, v_b: jax.Array, bias_b: Mapping[str, jax.Array] | None) -> dict:
-    """Materialised MLP params of one block in the flax layout `base.mlp_apply` takes.
-    v_b: [F, r, p]; bias_b: {fc: [out]} or None."""
-    mlp = {}
-    for f, (name, tr) in enumerate(zip(spec.fc_names, spec.transposed)):
-        w = u @ v_b[f]
-        mlp[name] = {"kernel": w.T if tr else w}
-        if bias_b is not None:
-            mlp[name]["bias"] = bias_b[name]
-    return mlp
-
-
-def group_kernels(params: Params, layout: grouping.GroupLayout) -> dict[str, jax.Array]:
-    """{kernel path: materialised kernel} for every FC in the group."""
-    out = {}
-    for b, row in enumerate(layout.fc_paths):
-        for f, (path, tr) in enumerate(zip(row, layout.transposed)):
-            w = params["u"] @ params["v"][b, f]
-            out[path] = w.T if tr else w
-    return out
-
-
-def assemble(dense_params: Mapping[str, Any], groups: Sequence[tuple[grouping.GroupLayout, Params]]) -> dict:
-    """Dense-layout params of the compressed model: every grouped MLP kernel replaced by U V_t
-    (and its bias by the trained one). Exactly the compressed model's function."""
-    out = dense_params
-    for layout, params in groups:
-        out = grouping.replace_kernels(out, group_kernels(params, layout))
-        if "bias" in params:
-            for f, name in enumerate(layout.fc_names):
-                for b, row in enumerate(layout.fc_paths):
-                    bias_path = f"{row[f].rsplit('/', 1)[0]}/bias"
-                    out = grouping.replace_kernels(out, {bias_path: params["bias"][name][b]})
-    return out
-
-
 def stack_dense_mlps(dense_params: Mapping[str, Any], layout: grouping.GroupLayout) -> dict:
     """The group's dense MLP params stacked on a leading block axis (the frozen teacher)."""
     mlps = [base.get_path(dense_params, row[0].rsplit("/", 2)[0]) for row in layout.fc_paths]
@@ -135,54 +82,33 @@ def mlp_targets(spec: base.MlpSpec, teacher: Mapping[str, Any], x: jax.Array) ->
     return jax.vmap(lambda t, xb: base.mlp_apply(spec, t, xb))(teacher, x)
 
 
-def group_weights(u: jax.Array, v: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """Every FC's W = U V_t of a group in float32: u [d, r], v [n, F, r, p] -> [n, F, d, p].
+def mlp_outputs(ws: jax.Array, bias: Mapping[str, jax.Array] | None, spec: base.MlpSpec, x: jax.Array,
+                compute_dtype: Any = jnp.float32) -> jax.Array:
+    """Every block's MLP output [n, T, d] from its materialised FCs ws [n, F, d, p] (biases
+    {fc: [n, out]} or None) on its inputs x [n, T, d]. compute_dtype: see `mlp_group_loss`."""
+    cd = jnp.dtype(compute_dtype)
+    # split, not per-FC indexing: its transpose concatenates the FCs' weight gradients into
+    # one [n, F, d, p] array instead of adding one zero-padded full-size copy per FC.
+    w_fc = [w[:, 0] for w in jnp.split(ws, len(spec.fc_names), axis=1)]
+    act = base.ACTIVATIONS[spec.activation]
 
-    All FCs at once over the whole V, so the backward gives V's gradient as one array (slicing
-    V per FC returned one zero-padded V-sized gradient per FC, added up). `dtype`: the matmul
-    operand dtype (`mixed_einsum`).
-    """
-    n, f, r, p = v.shape
-    # A loop of plain [d, r] x [r, p] products: XLA:CPU lowers the one-einsum form to a GEMM
-    # over V transposed to [n F p, r] (a V-sized copy in, another out for its gradient); the
-    # loop reads V and writes dV in place and its backward is again plain products.
-    w = jax.lax.map(lambda v_t: mixed_einsum("dr,rp->dp", u, v_t, dtype), v.reshape(n * f, r, p))
-    return w.reshape(n, f, u.shape[0], p)
+    def fc(f, h):
+        # Batched over blocks: h [n, T, in]; W_f [n, d, p] read as [in, out] (transposed FCs: p -> d).
+        eq = "ntp,ndp->ntd" if spec.transposed[f] else "ntd,ndp->ntp"
+        y = factors.mixed_einsum(eq, h, w_fc[f], cd)
+        if bias is not None:
+            y = y + bias[spec.fc_names[f]][:, None, :].astype(jnp.float32)
+        return y
 
-
-def mixed_einsum(eq: str, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """float32 `einsum(eq, a, b)` with operands rounded to `dtype`, forward and backward.
-
-    float32: a plain einsum. bfloat16: every product (the two gradient products too) takes
-    bfloat16 operands and accumulates in float32, the form XLA:CPU hands to its fast bf16
-    kernels; autodiff of a plain bf16 einsum would run its backward with float32 operands.
-    eq: two operands, each index of an operand found in the other or the output.
-    """
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
-    return _mixed_einsum(eq, jnp.dtype(dtype), a.astype(jnp.float32), b.astype(jnp.float32))
+    if spec.gated:
+        gate, up, down = range(3)
+        return fc(down, act(fc(gate, x)) * fc(up, x))
+    return fc(1, act(fc(0, x)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _mixed_einsum(eq, dtype, a, b):
-    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _mixed_einsum_fwd(eq, dtype, a, b):
-    a_c, b_c = a.astype(dtype), b.astype(dtype)
-    return jnp.einsum(eq, a_c, b_c, preferred_element_type=jnp.float32), (a_c, b_c)
-
-
-def _mixed_einsum_bwd(eq, dtype, res, g):
-    a_c, b_c = res  # float32 a and b, rounded to dtype
-    (ia, ib), out = eq.split("->")[0].split(","), eq.split("->")[1]
-    g = g.astype(dtype)
-    da = jnp.einsum(f"{out},{ib}->{ia}", g, b_c, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{ia},{out}->{ib}", a_c, g, preferred_element_type=jnp.float32)
-    return da, db
-
-
-_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+def _mse(out: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    per_block = jnp.mean(jnp.square(out - targets.astype(jnp.float32)), axis=(1, 2))
+    return jnp.mean(per_block), per_block
 
 
 def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
@@ -196,29 +122,16 @@ def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: ja
     product accumulates in float32 and the activations, the loss and its gradients' sums stay
     float32.
     """
-    cd = jnp.dtype(compute_dtype)
-    # split, not per-FC indexing: its transpose concatenates the FCs' weight gradients into
-    # one [n, F, d, p] array instead of adding one zero-padded full-size copy per FC.
-    ws = [w[:, 0] for w in jnp.split(group_weights(params["u"], params["v"], cd), len(spec.fc_names), axis=1)]
-    bias = params.get("bias")
-    act = base.ACTIVATIONS[spec.activation]
-    f32 = jnp.float32
+    ws = factors.group_weights(params["u"], params["v"], jnp.dtype(compute_dtype))
+    return _mse(mlp_outputs(ws, params.get("bias"), spec, x, compute_dtype), targets)
 
-    def fc(f, h):
-        # Batched over blocks: h [n, T, in]; W_f [n, d, p] read as [in, out] (transposed FCs: p -> d).
-        eq = "ntp,ndp->ntd" if spec.transposed[f] else "ntd,ndp->ntp"
-        y = mixed_einsum(eq, h, ws[f], cd)
-        if bias is not None:
-            y = y + bias[spec.fc_names[f]][:, None, :].astype(f32)
-        return y
 
-    if spec.gated:
-        gate, up, down = range(3)
-        out = fc(down, act(fc(gate, x)) * fc(up, x))
-    else:
-        out = fc(1, act(fc(0, x)))
-    per_block = jnp.mean(jnp.square(out - targets.astype(f32)), axis=(1, 2))
-    return jnp.mean(per_block), per_block
+def mlp_parts_loss(parts: Sequence[Params], part_layouts: Sequence[grouping.GroupLayout],
+                   layout: grouping.GroupLayout, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
+                   compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """`mlp_group_loss` for any method's parts covering the group (`factors.part_weights`)."""
+    ws, bias = factors.part_weights(list(zip(part_layouts, parts)), layout, jnp.dtype(compute_dtype))
+    return _mse(mlp_outputs(ws, bias, spec, x, compute_dtype), targets)
 
 
 def block_outputs_loss(
@@ -239,7 +152,7 @@ def block_outputs_loss(
     """
     model = dense_params
     for g, layout in layouts.items():
-        model = assemble(model, [(layout, params[g])])
+        model = factors.assemble(model, [(layout, params[g])])
     per_block = []
     for i in sorted(inputs):
         out, _ = arch.block(model, i, inputs[i], ctx)

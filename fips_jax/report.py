@@ -29,6 +29,11 @@ def eval_scope_label(scope: dict, context: int) -> str:
     return f"{scored} x {context} tokens of {total} windows"
 
 
+def labels(metrics: dict) -> dict[str, str]:
+    """{variant: row name} in report order: the run's own (`metrics["labels"]`), else the defaults."""
+    return metrics.get("labels") or dict(ROWS)
+
+
 def table(metrics: dict) -> str:
     """Markdown table: the evaluation metric and the kept parameters three ways per variant."""
     if metrics["task"] == "causal_lm":
@@ -43,7 +48,7 @@ def table(metrics: dict) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     budgets = metrics["budget"]
     per_block = metrics["per_block"]
-    for key, name in ROWS:
+    for key, name in labels(metrics).items():
         if key not in metrics["evals"]:
             continue
         ev = metrics["evals"][key]
@@ -52,7 +57,7 @@ def table(metrics: dict) -> str:
         if key == "dense":
             kept = ("100.0%",) * 3
         else:
-            b = budgets["per_layer_svd" if key == "per_layer_svd" else "fips"]
+            b = budgets.get(key, budgets["fips"])
             kept = tuple(f"{100 * b[k]:.1f}%" for k in
                          ("fraction_of_mlp_weights", "fraction_of_linear_weights", "fraction_of_model_params"))
         lines.append(f"| {name} | {_metric_cell(metrics, ev)} | {err_s} | " + " | ".join(kept) + " |")
@@ -70,7 +75,7 @@ def plot(path: str, metrics: dict) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     ax1.bar(blocks, [100 * s for s in pb["sparsity"]], color="tab:blue")
     ax1.set(xlabel="block", ylabel="sparsity of V (%)", title="Realised sparsity per block", ylim=(0, 100))
-    for key, name in ROWS[1:]:
+    for key, name in list(labels(metrics).items())[1:]:
         vals = pb.get(f"heldout_rel_error_{key}")
         if vals:
             ax2.plot(blocks, vals, marker="o", ms=3, label=name)

@@ -6,27 +6,10 @@ Library functions are undecorated; jit at the call site, e.g.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-
-class FipsFactors(NamedTuple):
-    """One group's factors.
-
-    u: [d, r] dense shared basis (orthonormal columns at init, zero columns past d when grown).
-    v: [n_blocks, n_fcs, r, p] per-FC factors, `W_{b,f} ~= u @ v[b, f]` (W written as d x p).
-    """
-
-    u: jax.Array
-    v: jax.Array
-
-
-def materialize(u: jax.Array, v: jax.Array) -> jax.Array:
-    """u @ [v_00, v_01, ..., v_10, ...]: the group matrix W_s, [d, n*F*p], block-major."""
-    n, f, r, p = v.shape
-    return u @ jnp.transpose(v, (2, 0, 1, 3)).reshape(r, n * f * p)
+from fips_jax.factors import FipsFactors
 
 
 def init_group(w: jax.Array, rank: int, n_blocks: int, n_fcs: int, tau: float = 32.0) -> FipsFactors:

@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax.svd_init import FipsFactors
+from fips_jax.factors import FipsFactors
 
 
 # ----------------------------------------------------------------------------- whitening

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fips_jax import checkpointing, config_base, export, pipeline
+from fips_jax.methods import fips
 from fips_jax.hf import safetensors_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +93,7 @@ def test_export_failing_midway_keeps_the_previous_model(tmp_path, monkeypatch):
     from fips_jax.models import registry
     arch, params, _ = registry.load_model(cfg["model"], seed=0)
     plan = pipeline.plan_groups(cfg, arch, params)
-    groups = [pipeline.group_init(arch, layout, rank, params, cfg["fips"]["tau"]) for layout, rank in plan]
+    groups = [fips.group_init(arch.mlp_spec, layout, rank, params, cfg["fips"]["tau"]) for layout, rank in plan]
     target = str(tmp_path / "compressed")
     export.save(target, arch, params, plan, groups, manifest={"run": 1})
     before = _snapshot(target)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fips_jax import config_base, export, pipeline
+from fips_jax.tasks import causal_lm
 from fips_jax.evaluators import perplexity
 from fips_jax.models import registry
 
@@ -61,7 +62,7 @@ def test_tiny_pipeline_compresses_and_reloads(tmp_path, family):
     _, _, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"])
     ev = cfg["data"]["eval"]
     n = ev["context"] * ev["max_windows"]
-    ids = pipeline._tokens(ev, tokenizer, n)[:n]  # pylint: disable=protected-access
+    ids = causal_lm.tokens(ev, tokenizer, n)[:n]  # pylint: disable=protected-access
     apply = jax.jit(arch.apply)
     got = perplexity.perplexity(lambda t: apply(params, t), ids, ev["context"], ev["protocol"],
                                 batch_size=cfg["eval"]["batch_size"], jit=False)

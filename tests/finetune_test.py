@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import budget, finetune, grouping, local_opt, pipeline, sparsity
+from fips_jax import budget, factors, finetune, grouping, local_opt, sparsity
+from fips_jax.methods import fips
 from fips_jax.models import registry, vit
 
 LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -33,13 +34,13 @@ def _compressed(arch, blocks, rank=8, sparsity_=0.5, seed=0):
     params = jax.tree_util.tree_map_with_path(scale, params)
     layouts = {f"g{g:02d}": grouping.group_layout(params, arch.mlp_spec, arch.mlp_path, b, group=g)
                for g, b in enumerate(blocks)}
-    groups = {k: pipeline.group_init(arch, layout, rank, params, 32.0) for k, layout in layouts.items()}
+    groups = {k: fips.group_init(arch.mlp_spec, layout, rank, params, 32.0) for k, layout in layouts.items()}
     groups = sparsity.create_updater("static", sparsity_).instant_sparsify(groups)[0]
     return params, layouts, groups
 
 
 def _student(arch, params, layouts, groups, x):
-    return arch.apply(local_opt.assemble(params, [(layouts[k], groups[k]) for k in layouts]), x)
+    return arch.apply(factors.assemble(params, [(layouts[k], groups[k]) for k in layouts]), x)
 
 
 def _heldout(arch, params, layouts, groups, x):
@@ -131,7 +132,7 @@ def test_only_group_params_change(vit_run):
             assert not np.array_equal(new, np.asarray(leaf)), (k, jax.tree_util.keystr(name))
     # ... and the compressed model differs from the dense one only at grouped kernels and biases.
     grouped = {path.rsplit("/", 1)[0] for layout in r["layouts"].values() for row in layout.fc_paths for path in row}
-    model = local_opt.assemble(r["params"], [(r["layouts"][k], r["out"][k]) for k in r["layouts"]])
+    model = factors.assemble(r["params"], [(r["layouts"][k], r["out"][k]) for k in r["layouts"]])
     changed = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(model):
         name = "/".join(str(p.key) for p in path)
@@ -201,7 +202,7 @@ def test_bad_loss_and_missing_labels_are_refused(tmp_path):
     arch = registry.from_hf_config(VIT)
     params = arch.init(jax.random.PRNGKey(0))
     layouts = {"g00": grouping.group_layout(params, arch.mlp_spec, arch.mlp_path, (0, 1))}
-    groups = {"g00": pipeline.group_init(arch, layouts["g00"], 4, params, 32.0)}
+    groups = {"g00": fips.group_init(arch.mlp_spec, layouts["g00"], 4, params, 32.0)}
     images = np.zeros((4, 8, 8, 3), np.float32)
     with pytest.raises(ValueError, match="'ce' on the classifier vit needs labels"):
         finetune.finetune(arch, params, layouts, groups, images, _cfg(loss="ce"), str(tmp_path), log=QUIET)

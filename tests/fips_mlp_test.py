@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import local_opt, sparsity
+from fips_jax import factors, local_opt, sparsity
 from fips_jax.models import base
 from fips_jax.models import fips_mlp as fm
 
@@ -51,7 +51,7 @@ def test_all_modes_agree(name, d, r):
     out = _outputs(spec, group, x)
     ref = out.pop("materialize/densify")
     # The reference itself: the dense MLP with W = U V_t.
-    dense = local_opt.block_mlp_params(spec, group["u"], group["v"][1], None if "bias" not in group else
+    dense = factors.block_mlp_params(spec, group["u"], group["v"][1], None if "bias" not in group else
                                        {k: v[1] for k, v in group["bias"].items()})
     np.testing.assert_array_equal(ref, np.asarray(base.mlp_apply(spec, dense, x)))
     assert np.abs(ref).max() > 0.1  # a real signal, not all zeros

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import grouping, local_opt, svd_init
+from fips_jax import factors, grouping, local_opt, svd_init
 from fips_jax.models import base
 
 GATED = base.MlpSpec(("gate", "up", "down"), (False, False, True), "silu", gated=True, has_bias=False)
@@ -85,9 +85,9 @@ def test_assemble_puts_u_v_into_the_dense_layout_with_biases():
                                               "bias": np.zeros(D, np.float32)}}} for b in range(2)}
     layout = grouping.group_layout(params, spec, lambda b: f"blocks_{b}/mlp", (0, 1))
     fac = svd_init.init_group(grouping.concat_group(params, layout), 2 * D, 2, 2)
-    group = local_opt.init_group_params(fac, params, layout, spec)
+    group = factors.init_group_params(fac, params, layout, spec)
     group["bias"]["fc2"] = group["bias"]["fc2"] + 1.0
-    out = local_opt.assemble(params, [(layout, group)])
+    out = factors.assemble(params, [(layout, group)])
     for b in range(2):  # rank >= d: exact, and the trained bias replaces the dense one
         np.testing.assert_allclose(out[f"blocks_{b}"]["mlp"]["fc2"]["kernel"], params[f"blocks_{b}"]["mlp"]["fc2"]["kernel"], atol=1e-4)
         np.testing.assert_array_equal(out[f"blocks_{b}"]["mlp"]["fc2"]["bias"], np.ones(D))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fips_jax import checkpointing, config_base, export, export_sparse, local_opt, pipeline
+from fips_jax.methods import fips
 from fips_jax.models import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def tiny():
     cfg = config_base.load_config(os.path.join(ROOT, "configs", "tiny_llama.py"), {})
     arch, params, _ = registry.load_model(cfg["model"], seed=0)
     plan = pipeline.plan_groups(cfg, arch, params)
-    groups = [pipeline.group_init(arch, layout, rank, params, cfg["fips"]["tau"]) for layout, rank in plan]
+    groups = [fips.group_init(arch.mlp_spec, layout, rank, params, cfg["fips"]["tau"]) for layout, rank in plan]
     return arch, params, plan, groups
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fips_jax import config_base, local_opt, pipeline, sharding
+from fips_jax import config_base, local_opt, pipeline, sharding, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
@@ -27,7 +27,7 @@ def _config(**overrides):
 def _groups(workdir):
     out = []
     for g in sorted(os.listdir(os.path.join(workdir, "groups"))):
-        out.append(pipeline.load_group(os.path.join(workdir, "groups", g, "final.npz")))
+        out.append(stages.load_arrays(os.path.join(workdir, "groups", g, "final.npz")))
     return out
 
 

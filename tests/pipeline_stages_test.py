@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fips_jax import config_base, export, export_sparse, pipeline
+from fips_jax import budget, config_base, export, export_sparse, factors, pipeline, stages
+from fips_jax.methods import fips, per_layer_svd
 from fips_jax.models import base, fips_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def _config(name, **overrides):
 
 
 def _final_groups(workdir):
-    return [pipeline.load_group(os.path.join(workdir, "groups", g, "final.npz"))
+    return [stages.load_arrays(os.path.join(workdir, "groups", g, "final.npz"))
             for g in sorted(os.listdir(os.path.join(workdir, "groups")))]
 
 
@@ -70,7 +71,7 @@ def test_llm_global_finetune_keeps_the_budget_and_moves_towards_dense(tmp_path):
     gap = lambda key: abs(ev[key]["nll"] - ev["dense"]["nll"])  # noqa: E731
     assert gap("fips_finetuned") < gap("fips_final"), {k: ev[k]["nll"] for k in ev}
     local = _final_groups(str(tmp_path))[0]
-    tuned = pipeline.load_group(str(tmp_path / "finetune" / "final.npz"))["g00"]
+    tuned = stages.load_arrays(str(tmp_path / "finetune" / "final.npz"))["g00"]
     assert np.count_nonzero(tuned["v"]) == np.count_nonzero(local["v"])
     assert not np.allclose(tuned["u"], local["u"])
     # The exported model is the fine-tuned one.
@@ -130,7 +131,8 @@ def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
     arch, params, _ = registry.load_model(cfg["model"])
     plan = pipeline.plan_groups(cfg, arch, params)
     for b in (0.3, 0.5):
-        baseline, kept = pipeline.per_layer_svd_params(params, plan, b)
+        parts = per_layer_svd.compress(params, arch.mlp_spec, plan, b)
+        baseline, kept = factors.assemble(params, parts), factors.kept(parts)
         # Counted from the baseline's kernels themselves: each has some rank k and costs k (d + p).
         counted = 0
         for layout, _ in plan:
@@ -138,7 +140,8 @@ def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
                 w = np.asarray(base.get_path(baseline, path), np.float64)
                 assert not np.allclose(w, np.asarray(base.get_path(params, path)))
                 counted += np.linalg.matrix_rank(w, tol=1e-4 * np.abs(w).max()) * (layout.d + layout.p)
-        assert counted == kept == pipeline.per_layer_svd_kept(plan, b)
+        assert counted == kept == sum(
+            budget.per_layer_rank(l.d, l.p, b) * (l.d + l.p) * l.n_blocks * l.n_fcs for l, _ in plan)
         assert abs(kept / sum(l.dense_weights for l, _ in plan) - b) < 0.05
 
 
@@ -150,6 +153,6 @@ def test_a_ramp_that_ends_before_the_first_mask_update_runs_to_the_target(tmp_pa
     m = pipeline.run(cfg, str(tmp_path), log=QUIET)
     for g, p in enumerate(_final_groups(str(tmp_path))):
         assert np.mean(np.asarray(p["v"]) == 0) == pytest.approx(0.75, abs=1e-3), g
-        init = pipeline.one_shot(pipeline.load_group(str(tmp_path / "groups" / f"g{g:02d}" / "init.npz")), cfg)
+        init = fips.one_shot(stages.load_arrays(str(tmp_path / "groups" / f"g{g:02d}" / "init.npz")), cfg)
         assert np.mean(np.asarray(init["v"]) == 0) == pytest.approx(0.75, abs=1e-3), g
     assert m["evals"]["fips_init"]["nll"] > m["evals"]["fips_final"]["nll"]

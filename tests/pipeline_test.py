@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import config_base, export, local_opt, pipeline
+from fips_jax import config_base, export, pipeline, stages
+from fips_jax.tasks import causal_lm
 from fips_jax.evaluators import perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,7 @@ def test_llm_reload_evaluates_to_the_same_numbers(llm_run):
     from fips_jax.models import registry
     _, _, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"])
     ev = cfg["data"]["eval"]
-    ids = pipeline._tokens(ev, tokenizer, ev["context"] * ev["max_windows"])[: ev["context"] * ev["max_windows"]]
+    ids = causal_lm.tokens(ev, tokenizer, ev["context"] * ev["max_windows"])[: ev["context"] * ev["max_windows"]]
     apply = jax.jit(arch.apply)
     got = perplexity.perplexity(lambda t: apply(params, t), ids, ev["context"], ev["protocol"],
                                 batch_size=cfg["eval"]["batch_size"], jit=False)
@@ -92,7 +93,7 @@ def test_vit_end_to_end(tmp_path):
     arch, params, _ = export.load(str(tmp_path / "compressed"))
     images = np.random.default_rng(1).standard_normal((32, 16, 16, 3)).astype(np.float32)  # eval seed = seed + 1
     logits = np.asarray(jax.jit(arch.apply)(params, jnp.asarray(images)))
-    fips_model = pipeline.load_group(str(tmp_path / "groups" / "final.npz"))
+    fips_model = stages.load_arrays(str(tmp_path / "groups" / "final.npz"))
     assert set(fips_model) == {"g00", "g01"}
     dense_arch, dense, _ = __import__("fips_jax.models.registry", fromlist=["x"]).load_model(m["config"]["model"], seed=0)
     agree = np.mean(logits.argmax(-1) == np.asarray(jax.jit(dense_arch.apply)(dense, jnp.asarray(images))).argmax(-1))
@@ -117,8 +118,8 @@ def test_resume_after_interruption_gives_the_same_params(tmp_path):
     logs = []
     pipeline.run(cfg, str(tmp_path / "killed"), log=logs.append)
     assert any("resumed at step 10" in line for line in logs), logs
-    a = pipeline.load_group(str(tmp_path / "straight" / "groups" / "g00" / "final.npz"))
-    b = pipeline.load_group(str(tmp_path / "killed" / "groups" / "g00" / "final.npz"))
+    a = stages.load_arrays(str(tmp_path / "straight" / "groups" / "g00" / "final.npz"))
+    b = stages.load_arrays(str(tmp_path / "killed" / "groups" / "g00" / "final.npz"))
     for k in ("u", "v"):
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6)
     # A finished run is not recomputed: every stage is reused.

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fips_jax import budget, calibration, checkpointing, grouping, local_opt, sharding, sparsity, svd_init
+from fips_jax import budget, calibration, checkpointing, factors, grouping, local_opt, sharding, sparsity, svd_init
 from fips_jax.hf import checkpoint
 from fips_jax.models import registry
 
@@ -140,8 +140,8 @@ def group_problem(tiny):
     y = np.asarray(local_opt.mlp_targets(spec, local_opt.stack_dense_mlps(params, layout), jnp.asarray(x)))
     rank = budget.rank_for_budget(layout.d, layout.p, 2, 3, 0.5, 0.75, round_to=8)
     assert rank == 48
-    factors = svd_init.init_group(grouping.concat_group(params, layout), rank, 2, 3)
-    p0 = local_opt.init_group_params(factors, params, layout, spec)
+    init = svd_init.init_group(grouping.concat_group(params, layout), rank, 2, 3)
+    p0 = factors.init_group_params(init, params, layout, spec)
     cfg = local_opt.LocalOptConfig(steps=10, lr=1e-2, end_lr=1e-4, weight_decay=0.01, update_freq=3)
     tx, updater = local_opt.make_optimizer(cfg)
     key = jax.random.PRNGKey(1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fips_jax import sharding, svd_init
+from fips_jax import factors, sharding, svd_init
 
 D, N, F, PW = 48, 2, 3, 40  # W_s: [48, 240]
 STATIC = ("rank", "n_blocks", "n_fcs", "tau")
@@ -18,7 +18,7 @@ def _matrix(seed=0):
 
 
 def _rel_err(w, f):
-    return float(jnp.linalg.norm(w - svd_init.materialize(f.u, f.v)) / jnp.linalg.norm(w))
+    return float(jnp.linalg.norm(w - factors.materialize(f.u, f.v)) / jnp.linalg.norm(w))
 
 
 @pytest.mark.parametrize("rank", [8, 47])
@@ -34,7 +34,7 @@ def test_gram_matches_svd_reconstruction_and_projection(rank):
     assert _rel_err(w, gram) == pytest.approx(_rel_err(w, svd), rel=1e-4)
     # Same subspace (eigenvector signs are arbitrary; the projection U U^T is not) and same U V.
     np.testing.assert_allclose(gram.u @ gram.u.T, svd.u @ svd.u.T, atol=2e-5)
-    np.testing.assert_allclose(svd_init.materialize(gram.u, gram.v), svd_init.materialize(svd.u, svd.v),
+    np.testing.assert_allclose(factors.materialize(gram.u, gram.v), factors.materialize(svd.u, svd.v),
                                atol=1e-4 * float(jnp.max(jnp.abs(w))))
     np.testing.assert_allclose(gram.u.T @ gram.u, np.eye(rank), atol=1e-5)
 
@@ -45,7 +45,7 @@ def test_gram_hybrid_growth_like_init_group():
     gram = svd_init.init_group_gram(w, rank, N, F, tau=tau)
     svd = svd_init.init_group(w, rank, N, F, tau=tau)
     np.testing.assert_array_equal(gram.u[:, D:], 0.0)
-    np.testing.assert_allclose(svd_init.materialize(gram.u, gram.v), w, atol=1e-4)
+    np.testing.assert_allclose(factors.materialize(gram.u, gram.v), w, atol=1e-4)
     # Extra rows are the top rows / tau; only the sign of each row may differ from the SVD's
     # (and close singular pairs rotate slightly: float32 eigenvectors, not the SVD's).
     rows = lambda f: jnp.transpose(f.v, (2, 0, 1, 3)).reshape(rank, -1)
@@ -67,7 +67,7 @@ def test_gram_sharded_equals_single_device():
         mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
         w_sh = sharding.logical_to_sharding(sharding.GROUP_MATRIX_AXES, mesh, sharding.DEFAULT_RULES, w)
         assert w_sh.spec == P(None, ("data", "fsdp", "tensor"))
-        out_sh = svd_init.FipsFactors(
+        out_sh = factors.FipsFactors(
             u=NamedSharding(mesh, P()),
             v=NamedSharding(mesh, sharding.logical_to_spec(sharding.V_AXES, mesh, sharding.DEFAULT_RULES,
                                                            (N, F, rank, PW))))

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import svd_init
+from fips_jax import factors, svd_init
 
 init = jax.jit(svd_init.init_group, static_argnames=("rank", "n_blocks", "n_fcs", "tau"))
 
@@ -17,7 +17,7 @@ def test_eckart_young_optimum(rank):
     w = _w()
     fac = init(w, rank=rank, n_blocks=2, n_fcs=3)
     assert fac.u.shape == (16, rank) and fac.v.shape == (2, 3, rank, 24)
-    err = float(jnp.sum((svd_init.materialize(fac.u, fac.v) - w) ** 2))
+    err = float(jnp.sum((factors.materialize(fac.u, fac.v) - w) ** 2))
     s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
     optimum = float(np.sum(s[rank:] ** 2))
     assert err == pytest.approx(optimum, rel=1e-4)
@@ -28,7 +28,7 @@ def test_eckart_young_optimum(rank):
 def test_rank_at_least_d_reconstructs_exactly(rank):
     w = _w()
     fac = init(w, rank=rank, n_blocks=2, n_fcs=3)
-    np.testing.assert_allclose(np.asarray(svd_init.materialize(fac.u, fac.v)), np.asarray(w), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(factors.materialize(fac.u, fac.v)), np.asarray(w), atol=1e-4)
 
 
 def test_hybrid_growth():
@@ -41,7 +41,7 @@ def test_hybrid_growth():
     np.testing.assert_allclose(v[2 * d:], v[:rank - 2 * d] / tau, rtol=1e-6)
     # The zero columns of U get nonzero gradients from a loss on U V.
     target = w + 0.1
-    g = jax.grad(lambda u: jnp.sum((svd_init.materialize(u, fac.v) - target) ** 2))(fac.u)
+    g = jax.grad(lambda u: jnp.sum((factors.materialize(u, fac.v) - target) ** 2))(fac.u)
     assert np.all(np.linalg.norm(np.asarray(g[:, d:]), axis=0) > 0)
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax import calib_stats, svd_init, whitening
+from fips_jax import calib_stats, factors, svd_init, whitening
 from fips_jax.models import base
 
 GATED = base.MlpSpec(("gate", "up", "down"), (False, False, True), "silu", gated=True, has_bias=False)
@@ -211,8 +211,8 @@ def test_rank_at_least_d_is_svd_init(rank):
     ws, gi, gh = _gated_group(d=24, p=12, tokens=200)
     fac = whitening.whitened_group_init(ws, gi, gh, GATED.transposed, rank, tau=8.0)
     ref = _svd_factors(ws, rank)
-    np.testing.assert_allclose(np.asarray(svd_init.materialize(fac.u, fac.v)),
-                               np.asarray(svd_init.materialize(ref.u, ref.v)), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(factors.materialize(fac.u, fac.v)),
+                               np.asarray(factors.materialize(ref.u, ref.v)), atol=1e-4)
     # the same factors up to the sign of each (U column, V row) pair
     signs = np.sign(np.sum(np.asarray(fac.u[:, :24]) * np.asarray(ref.u[:, :24]), axis=0))
     np.testing.assert_allclose(np.asarray(fac.u[:, :24]) * signs, np.asarray(ref.u[:, :24]), atol=1e-4)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import local_opt
+from fips_jax import factors
 from fips_jax.models import base
 
 MODES = ("materialize", "factored", "sparse")
@@ -158,7 +158,7 @@ def _matmul_t(h: jax.Array, w: jax.Array) -> jax.Array:
 
 def materialize_forward(spec: base.MlpSpec, u: jax.Array, vs: Sequence[jax.Array], bias, x: jax.Array) -> jax.Array:
     """W_t = u @ vs[t] for every FC, then the dense MLP."""
-    return base.mlp_apply(spec, local_opt.block_mlp_params(spec, u, vs, bias), x)
+    return base.mlp_apply(spec, factors.block_mlp_params(spec, u, vs, bias), x)
 
 
 def factored_forward(spec: base.MlpSpec, u: jax.Array, vs: Sequence[jax.Array], bias, x: jax.Array) -> jax.Array:
@@ -277,7 +277,7 @@ def from_group(spec: base.MlpSpec, group: Mapping[str, Any], b: int, mode: str =
                nm: tuple[int, int] | None = None, mask: Any = None,
                sparse_kernel: str = "densify") -> tuple[FipsMlp, dict]:
     """(module, variables) for block b of a trained group `{"u": [d, r], "v": [n, F, r, p],
-    "bias": {fc: [n, out]}}` (the `local_opt` layout). Apply as `module.apply(variables, x, u)`.
+    "bias": {fc: [n, out]}}` (the `factors` layout). Apply as `module.apply(variables, x, u)`.
 
     mask: the group's [n, F, r, p] sparsity mask for sparse mode (None: the nonzeros of v).
     """

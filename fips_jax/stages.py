@@ -1,0 +1,131 @@
+"""The run's state: config, workdir, log, timings, mesh, and the stage store.
+
+Every resumable artefact of a run goes through `Run.stage`: a stage is computed once, written
+atomically under the workdir (JSON results as `<name>.json`, array trees and factor parts as
+`<name>.npz`), and read back instead of recomputed when the same command runs again. The
+training loops inside a stage checkpoint their own steps (Orbax, `local_opt.train`) under the
+stage's directory, so an interrupted stage resumes mid-loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fips_jax import checkpointing, grouping, sharding
+
+KINDS = ("json", "arrays", "parts")
+
+
+def _save_arrays(path: str, tree: dict) -> None:
+    # Collective: every process gathers the global arrays; process 0 writes them.
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    flat = traverse_util.flatten_dict(multihost_utils.process_allgather(tree, tiled=True), sep="/")
+    if sharding.is_writer():
+        checkpointing.save_arrays(path, {k: np.asarray(v) for k, v in flat.items()})
+
+
+def load_arrays(path: str) -> dict:
+    """An array tree written by a stage (nested dicts of jax arrays)."""
+    flat = {k: jnp.asarray(v) for k, v in checkpointing.load_arrays(path).items()}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _parts_tree(parts: list) -> dict:
+    layouts = json.dumps([dataclasses.asdict(layout) for layout, _ in parts])
+    return {"layouts": np.asarray(layouts), **{f"part{i:03d}": p for i, (_, p) in enumerate(parts)}}
+
+
+def _tree_parts(tree: dict) -> list:
+    layouts = [grouping.GroupLayout(**{k: tuple(tuple(r) if isinstance(r, list) else r for r in v)
+                                       if isinstance(v, list) else v for k, v in d.items()})
+               for d in json.loads(str(tree.pop("layouts")))]
+    return [(layout, tree[f"part{i:03d}"]) for i, layout in enumerate(layouts)]
+
+
+def save_parts(path: str, parts: list) -> None:
+    _save_arrays(path, _parts_tree(parts))
+
+
+def load_parts(path: str) -> list:
+    """[(GroupLayout, params)] as `save_parts` wrote them."""
+    flat = checkpointing.load_arrays(path)
+    layouts = flat.pop("layouts")
+    tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    tree["layouts"] = layouts
+    return _tree_parts(tree)
+
+
+class Run:
+    """Shared state of one pipeline run: config, workdir, logging, timings and the stage store."""
+
+    def __init__(self, cfg: dict, workdir: str, log: Callable[[str], None], on_step=None):
+        self.cfg, self.workdir, self.log, self.on_step = cfg, workdir, log, on_step
+        self.timings: dict[str, float] = {}
+        self.mesh = sharding.make_mesh(cfg["mesh"])
+        self.rules = sharding.rules_from_config(cfg["sharding"]["rules"])
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def file(self, name: str, kind: str = "json") -> str:
+        if kind not in KINDS:
+            raise ValueError(f"stage kind {kind!r} not in {KINDS}")
+        return self.path(name + (".json" if kind == "json" else ".npz"))
+
+    def done(self, name: str, kind: str = "json") -> bool:
+        return os.path.exists(self.file(name, kind))
+
+    def load(self, name: str, kind: str = "json") -> Any:
+        path = self.file(name, kind)
+        return {"json": checkpointing.read_json, "arrays": load_arrays, "parts": load_parts}[kind](path)
+
+    def save(self, name: str, value: Any, kind: str = "json") -> None:
+        path = self.file(name, kind)
+        if kind == "json":
+            if sharding.is_writer():
+                checkpointing.write_json(path, value)
+        else:
+            (_save_arrays if kind == "arrays" else save_parts)(path, value)
+
+    def stage(self, name: str, fn: Callable[[], Any], kind: str = "json", label: str | None = None,
+              quiet: bool = False) -> Any:
+        """`fn()` once: its result is saved as `name` (+ .json or .npz, under the workdir) and
+        reused on later runs. Array stages come back as jax arrays, so a resumed run computes with
+        what a fresh one had. `label` (default: the name's last component) names it in the log
+        and in the timings."""
+        label = label or os.path.basename(name)
+        if self.done(name, kind):
+            if not quiet:
+                self.log(f"[{label}] done earlier, reusing {self.file(name, kind)}")
+            return self.load(name, kind)
+        if not quiet:
+            self.log(f"[{label}] ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.timings[label] = time.perf_counter() - t0
+        # Computed, not yet saved: where kill tests interrupt (`FIPS_JAX_KILL_AT=stage:N` counts
+        # JSON stages, i.e. evaluations; array stages are `array_stage:N`).
+        checkpointing.fault_point("stage" if kind == "json" else "array_stage")
+        self.save(name, result, kind)
+        if not quiet:
+            self.log(f"[{label}] {self.timings[label]:.1f}s")
+        return result
+
+
+def shardings_of(run: Run, spec, tree: dict) -> dict:
+    """{name: NamedShardings of its group params} by the run's mesh and rules."""
+    return {n: sharding.group_shardings(p, run.mesh, run.rules, spec.fc_names, spec.transposed) for n, p in tree.items()}
+
+
+def jax_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -1,0 +1,53 @@
+"""What differs between model kinds, behind one interface the pipeline calls.
+
+A task module provides
+
+    load_data(run, arch, tokenizer) -> data            # calibration, evaluation, held-out inputs
+    calibrate(run, arch, params, plan, data, peers) -> Calibrated
+    evaluate(run, arch, params, data, variants) -> (evals, extra metrics)
+
+`causal_lm` streams MLP inputs group by group and scores perplexity; `image` trains every group
+jointly on block outputs and scores classification (or agreement, and a linear probe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from fips_jax.models import base
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """What the local optimisation leaves for evaluation, fine-tuning and export.
+
+    variants: {name: () -> parts} in report order ("dense" maps to None); loaded lazily so that no
+      more than one compressed model is held at a time.
+    final: {group name: FiPS params after local optimisation}.
+    layouts: {group name: GroupLayout}.
+    heldout: {variant: [held-out relative error per block, in block order]}.
+    finetune_inputs / finetune_labels: what `finetune` trains on.
+    metrics: task-specific entries for metrics.json.
+    """
+
+    variants: dict[str, Callable[[], list] | None]
+    final: dict[str, dict]
+    layouts: dict
+    heldout: dict[str, list[float]]
+    blocks: list[int]
+    finetune_inputs: Any
+    finetune_labels: Any
+    metrics: dict
+
+
+def relative_error(out, target) -> float:
+    return float(jnp.sum(jnp.square(out - target)) / jnp.maximum(jnp.sum(jnp.square(target)), 1e-30))
+
+
+def for_arch(arch: base.Architecture):
+    # pylint: disable=import-outside-toplevel
+    from fips_jax.tasks import causal_lm, image
+    return causal_lm if arch.is_causal_lm else image

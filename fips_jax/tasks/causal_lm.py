@@ -1,0 +1,277 @@
+"""Causal LMs: text calibration, MLP-output reconstruction streamed group by group, perplexity.
+
+The calibration tokens flow through the dense model one group at a time (SPEC §4): a group's
+MLP inputs are captured, its targets computed once (teacher forcing), every method compresses
+it, FiPS is refined, and the held-out error of each is measured before the stream moves on.
+Only the hidden state after the last finished group is kept to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fips_jax import calibration, calib_stats, checkpointing, data, factors, local_opt, report, sharding
+from fips_jax.evaluators import perplexity
+from fips_jax.methods import GroupStats, Problem
+from fips_jax.methods import fips
+from fips_jax.tasks import Calibrated, relative_error
+
+NAME = "causal_lm"
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def text(src: dict) -> str:
+    kind = src["source"]
+    if kind == "wiki_offline":
+        return data.wiki_offline_text(src["split"])
+    if kind == "local_text":
+        if not src["path"]:
+            raise ValueError("data source local_text needs a path (--config.data.<calib|eval>.path=...)")
+        if not os.path.exists(src["path"]):
+            raise FileNotFoundError(f"text file not found: {src['path']}")
+        return data.local_text(src["path"])
+    if kind == "hf":
+        return data.hf_text(src["dataset"], src["dataset_config"] or None, src["split"], src["n_documents"] or None)
+    raise ValueError(f"text source {kind!r} not in ('wiki_offline', 'local_text', 'hf')")
+
+
+def tokens(src: dict, tokenizer, n_tokens: int) -> np.ndarray:
+    """At least `n_tokens` token ids from the source if it has them (all of it otherwise).
+    Only a prefix of a long text is encoded: tokenising megabytes for a few windows is waste."""
+    txt = text(src)
+    chars = max(n_tokens * 8, 4096)
+    while True:
+        ids = data.encode(tokenizer, txt[:chars])
+        if ids.shape[0] >= n_tokens or chars >= len(txt):
+            return ids
+        chars *= 2
+
+
+@dataclasses.dataclass
+class Data:
+    calib: np.ndarray       # [windows, window] token ids
+    eval_ids: np.ndarray    # the scored prefix of the evaluation split
+    holdout: np.ndarray     # [windows, context]: held-out reconstruction error
+    context: int
+    protocol: str
+    scope: dict             # how much of the split is scored
+
+
+def load_data(run, arch, tokenizer) -> Data:
+    del arch
+    dc = run.cfg["data"]
+    calib_src, eval_src = dc["calib"], dc["eval"]
+    window, n_windows = calib_src["window"], calib_src["n_windows"]
+    calib = data.token_windows(tokens(calib_src, tokenizer, window * n_windows), window, n_windows)
+    context = eval_src["context"]
+    # The whole split is tokenised (seconds) so that a run scoring only `max_windows` of its
+    # windows can say how many there were: "standard" perplexity means the whole split.
+    split_ids = data.encode(tokenizer, text(eval_src))
+    eval_ids = split_ids[: context * eval_src["max_windows"]]
+    holdout = data.token_windows(eval_ids, context, min(dc["holdout_windows"], max(len(eval_ids) // context, 1)))
+    scope = {"windows_scored": len(eval_ids) // context, "windows_in_split": len(split_ids) // context,
+             "tokens_in_split": int(len(split_ids))}
+    run.log(f"calibration: {calib.shape[0]} windows x {window} tokens ({calib_src['source']}:"
+            f"{calib_src.get('split', '')}); evaluation: {report.eval_scope_label(scope, context)}, held-out "
+            f"reconstruction: {holdout.size} tokens")
+    return Data(calib, eval_ids, holdout, context, eval_src["protocol"], scope)
+
+
+# ---- local optimisation -------------------------------------------------------------------------
+
+
+def _steps(n_items: int, batch: int, epochs: float) -> int:
+    return max(int(round(epochs * -(-n_items // batch))), 1)
+
+
+class _Group:
+    """One group's calibration problem: inputs, targets, statistics and the training of parts."""
+
+    def __init__(self, run, arch, params, layout, rank, g, x, xh, peers_need_stats):
+        cfg, spec = run.cfg, arch.mlp_spec
+        self.run, self.spec, self.layout, self.g = run, spec, layout, g
+        self.dir = f"groups/g{g:02d}"
+        act_sh = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, run.mesh, run.rules, x)
+        self.x = sharding.put(x, act_sh)
+        self.xh = jnp.asarray(xh)
+        teacher = local_opt.stack_dense_mlps(params, layout)
+        # Targets are fixed (teacher forcing), so they are computed once, not every step.
+        self.y = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)(spec, teacher, self.x)
+        self.yh = local_opt.mlp_targets(spec, teacher, self.xh)
+        stats = None
+        if peers_need_stats:
+            grams = calib_stats.group_input_grams(spec, teacher, x)
+            stats = GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
+        self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
+        self.steps = _steps(x.shape[1], min(cfg["local"]["batch_tokens"], x.shape[1]), cfg["local"]["epochs"])
+
+    def heldout(self, parts: list) -> list[float]:
+        ws, bias = factors.part_weights(parts, self.layout)
+        out = local_opt.mlp_outputs(ws, bias, self.spec, self.xh)
+        return [relative_error(out[b], self.yh[b]) for b in range(self.layout.n_blocks)]
+
+
+def _loss_fns(run, spec):
+    """The FiPS loss, one function for every group: `local_opt.train` reuses its compiled step
+    across groups (and blocks, in sequential mode) of the same shapes."""
+    cfg = run.cfg
+    key = jax.random.PRNGKey(cfg["seed"])
+    batch = cfg["local"]["batch_tokens"]
+    compute_dtype = jnp.dtype(cfg["local"].get("compute_dtype", "float32"))
+
+    def fips_loss(p, step, x, y):
+        idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
+        return local_opt.mlp_group_loss(p, spec, x[:, idx], y[:, idx], compute_dtype)
+
+    def parts_loss(part_layouts, layout):
+        def loss(p, step, x, y):
+            idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
+            return local_opt.mlp_parts_loss(p, part_layouts, layout, spec, x[:, idx], y[:, idx], compute_dtype)
+        return loss
+
+    return fips_loss, parts_loss
+
+
+def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]:
+    """FiPS's local optimisation of one group: the joint update, or the authors' sequential order
+    (one MLP at a time with a fresh optimiser; later MLPs keep moving U)."""
+    cfg, gdir = run.cfg, run.path(grp.dir)
+    lcfg = fips.local_config(cfg, grp.steps)
+    kw = dict(checkpoint_every=cfg["checkpoint_every"], log=run.log, on_step=run.on_step)
+    mode = cfg["fips"]["mode"]
+    if mode == "joint":
+        p_sh = sharding.group_shardings(p0, run.mesh, run.rules, grp.spec.fc_names, grp.spec.transposed)
+        return local_opt.train(p0, loss_fn, (grp.x, grp.y), lcfg, os.path.join(gdir, "loop"),
+                               name=f"group {grp.g}", param_shardings=p_sh, **kw)
+    if mode != "sequential":
+        raise ValueError(f"fips.mode {mode!r} not in ('joint', 'sequential')")
+    p1, losses = dict(p0), []
+    for b in range(grp.layout.n_blocks):
+        sub = {"u": p1["u"], "v": p1["v"][b:b + 1]}
+        if "bias" in p1:
+            sub["bias"] = {k: v[b:b + 1] for k, v in p1["bias"].items()}
+        sub, lb = local_opt.train(sub, loss_fn, (grp.x[b:b + 1], grp.y[b:b + 1]), lcfg,
+                                  os.path.join(gdir, f"loop_b{b}"), name=f"group {grp.g} block {grp.layout.blocks[b]}",
+                                  **kw)
+        new = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
+        if "bias" in sub:
+            new["bias"] = {k: p1["bias"][k].at[b].set(sub["bias"][k][0]) for k in sub["bias"]}
+        p1 = new
+        losses += lb
+    return p1, losses
+
+
+def _train_parts(run, grp: _Group, parts: list, parts_loss) -> list:
+    """A peer's factors refined with FiPS's local optimisation budget: same loss, steps, data and
+    optimiser, dense factors (`compare.train`)."""
+    lcfg = dataclasses.replace(fips.local_config(run.cfg, grp.steps), algorithm="dense", sparsity=0.0)
+    layouts = tuple(layout for layout, _ in parts)
+    trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (grp.x, grp.y), lcfg,
+                                 run.path(grp.dir, "peer_loop"), checkpoint_every=run.cfg["checkpoint_every"],
+                                 log=run.log, name=f"group {grp.g} peer", on_step=run.on_step)
+    return list(zip(layouts, trained))
+
+
+def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
+    """Every group in turn: capture its MLP inputs, compress it with FiPS and every peer method,
+    refine, and measure the held-out error; resumes at the first unfinished group."""
+    cfg, log, spec = run.cfg, run.log, arch.mlp_spec
+    calib_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
+    hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"])
+    resume_at = 0
+    while resume_at < len(plan) and run.done(f"groups/g{resume_at:02d}/stats"):
+        resume_at += 1
+    if resume_at:
+        saved = checkpointing.load_arrays(run.path("groups", f"g{resume_at - 1:02d}", "hidden_after.npz"))
+        nxt = plan[resume_at - 1][0].blocks[-1] + 1
+        calib_stream.restore(saved["calib"], nxt)
+        hold_stream.restore(saved["holdout"], nxt)
+        log(f"groups 0-{resume_at - 1} done earlier; resuming at group {resume_at}")
+    fips_loss, parts_loss = _loss_fns(run, spec)
+    train_peers = cfg["compare"]["train"]
+    peer_names = [m.NAME for m in peers] + ([f"{m.NAME}_trained" for m in peers] if train_peers else [])
+    final, group_stats = {}, []
+    for g, (layout, rank) in enumerate(plan):
+        gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
+        if g < resume_at:
+            final[name] = run.load(f"{gdir}/final", "arrays")
+            group_stats.append(run.load(f"{gdir}/stats"))
+            continue
+        t0 = time.perf_counter()
+        grp = _Group(run, arch, params, layout, rank, g, calib_stream.advance(layout.blocks),
+                     hold_stream.advance(layout.blocks), any(m.NEEDS_STATS for m in peers))
+        p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.problem)[0][1], "arrays", quiet=True)
+        p1, losses = _train_fips(run, grp, p0, fips_loss)
+        errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
+        for m in peers:
+            parts = run.stage(f"{gdir}/{m.NAME}", lambda m=m: m.init(grp.problem), "parts", quiet=True)
+            errors[m.NAME] = grp.heldout(parts)
+            if train_peers:
+                parts = run.stage(f"{gdir}/{m.NAME}_trained", lambda p=parts: _train_parts(run, grp, p, parts_loss),
+                                  "parts", quiet=True)
+                errors[f"{m.NAME}_trained"] = grp.heldout(parts)
+        stats = {"blocks": list(layout.blocks), "rank": rank, "steps": grp.steps,
+                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 "heldout_rel_error": errors,
+                 "calib_mse_final": float(jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, spec, grp.x, grp.y)[0]),
+                 "seconds": time.perf_counter() - t0}
+        run.save(f"{gdir}/final", p1, "arrays")
+        if sharding.is_writer():
+            checkpointing.save_arrays(run.path(gdir, "hidden_after.npz"),
+                                      {"calib": calib_stream.state(), "holdout": hold_stream.state()})
+        run.save(f"{gdir}/stats", stats)
+        if g and sharding.is_writer():  # only the newest stream state is needed to resume
+            prev = run.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
+            if os.path.exists(prev):
+                os.remove(prev)
+        checkpointing.fault_point("group_done")
+        log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
+            f"{k} {np.mean(v):.4f}" for k, v in errors.items()))
+        final[name] = p1
+        group_stats.append(stats)
+
+    layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
+
+    def peer(key):
+        return lambda: [pt for g in range(len(plan)) for pt in run.load(f"groups/g{g:02d}/{key}", "parts")]
+
+    variants: dict[str, Any] = {"dense": None, **{k: peer(k) for k in peer_names}}
+    variants["fips_init"] = lambda: [(layouts[n], fips.one_shot(run.load(f"groups/{n}/init", "arrays"), cfg))
+                                     for n in layouts]
+    variants["fips_final"] = lambda: [(layouts[n], final[n]) for n in layouts]
+    blocks = [i for layout, _ in plan for i in layout.blocks]
+    heldout = {k: [e for st in group_stats for e in st["heldout_rel_error"][k]]
+               for k in group_stats[0]["heldout_rel_error"]} if group_stats else {}
+    return Calibrated(variants=variants, final=final, layouts=layouts, heldout=heldout, blocks=blocks,
+                      finetune_inputs=dat.calib, finetune_labels=None,
+                      metrics={"groups_stats": group_stats,
+                               "data": {"calib_tokens": int(dat.calib.size), "eval_tokens": int(len(dat.eval_ids)),
+                                        "heldout_tokens": int(dat.holdout.size),
+                                        "eval": {**dat.scope, "label": report.eval_scope_label(dat.scope, dat.context)}}})
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate(run, arch, params, dat: Data, variants: dict) -> tuple[dict, dict]:
+    """Perplexity of every variant on the evaluation split, each a stage of its own."""
+    apply = jax.jit(arch.apply)
+
+    def ppl(model):
+        return perplexity.perplexity(lambda t: apply(model, t), dat.eval_ids, dat.context, dat.protocol,
+                                     batch_size=run.cfg["eval"]["batch_size"], jit=False)
+
+    evals = {}
+    for key, parts in variants.items():
+        evals[key] = run.stage(f"stages/eval_{key}", lambda parts=parts: ppl(
+            params if parts is None else factors.assemble(params, parts())))
+    return evals, {"task": NAME, "metric": "perplexity", "protocol": dat.protocol}

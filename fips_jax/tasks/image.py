@@ -1,0 +1,157 @@
+"""Vision transformers: block-output reconstruction of all groups jointly, classification or
+agreement with the dense model, and a linear probe for backbones.
+
+One optimiser trains every group at once (SPEC §4, §5): each shared U receives its group's summed
+gradient and global pruning ranks every V of the model together. The teacher's block inputs and
+outputs are recomputed per minibatch inside the step, so nothing model-sized is cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fips_jax import calibration, data, factors, local_opt, sharding
+from fips_jax.evaluators import classification, features
+from fips_jax.methods import Problem
+from fips_jax.methods import fips
+from fips_jax.tasks import Calibrated, relative_error
+
+NAME = "image_classification"
+
+
+def images(src: dict, arch, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    kind = src["source"]
+    if kind == "random":
+        h, w = arch.config.image_size
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((src["n_images"], h, w, arch.config.num_channels)).astype(np.float32), None
+    if kind == "imagenet_folder":
+        if not os.path.isdir(src["path"]):
+            raise FileNotFoundError(f"ImageNet folder not found: {src['path']!r} (expected {src['path']}/"
+                                    f"{src['split']}/<wnid>/*.JPEG)")
+        imgs, labels = data.imagenet_folder_calibration(
+            src["path"], per_class=src["per_class"], n_classes=src["n_classes"] or None, seed=seed, split=src["split"],
+            interpolation=src["interpolation"])
+        return imgs, np.asarray(labels)
+    if kind == "fashion_mnist":  # unlabelled here: the backbones it serves output features
+        raw, _ = data.fashion_mnist(src["split"], n=src["n_images"], path=src["path"] or None)
+        return data.grayscale_to_model_inputs(raw, arch.config.image_size), None
+    raise ValueError(f"image source {kind!r} not in ('random', 'imagenet_folder', 'fashion_mnist')")
+
+
+@dataclasses.dataclass
+class Data:
+    calib: np.ndarray
+    calib_labels: np.ndarray | None
+    eval_images: np.ndarray
+    eval_labels: np.ndarray | None
+    holdout: np.ndarray
+
+
+def load_data(run, arch, tokenizer) -> Data:
+    del tokenizer
+    cfg, dc = run.cfg, run.cfg["data"]
+    if cfg["local"].get("compute_dtype", "float32") != "float32":
+        raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
+                         "calibration runs in float32")
+    calib, calib_labels = images(dc["calib"], arch, cfg["seed"])
+    eval_images, eval_labels = images(dc["eval"], arch, cfg["seed"] + 1)
+    run.log(f"calibration: {calib.shape[0]} images; evaluation: {eval_images.shape[0]} images")
+    return Data(calib, calib_labels, eval_images, eval_labels, eval_images[: dc["holdout_images"]])
+
+
+def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
+    cfg, log = run.cfg, run.log
+    if any(m.NEEDS_STATS for m in peers):
+        raise ValueError(f"compare.methods {[m.NAME for m in peers if m.NEEDS_STATS]} need MLP activation "
+                         "statistics, which the ViT task does not collect yet")
+    if cfg["compare"]["train"] and peers:
+        raise ValueError("compare.train (refining peers) is implemented for LLMs only")
+    layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
+    problems = {n: Problem(layout, rank, cfg["fips"]["budget"], params, arch.mlp_spec, cfg, None, run.mesh, run.rules)
+                for n, (layout, rank) in zip(layouts, plan)}
+    p0 = run.stage("groups/init", lambda: {n: fips.init(pr)[0][1] for n, pr in problems.items()}, "arrays", quiet=True)
+    all_blocks = sorted(i for layout in layouts.values() for i in layout.blocks)
+    batch = min(cfg["local"]["batch_images"], dat.calib.shape[0])
+    key = jax.random.PRNGKey(cfg["seed"])
+    names = list(layouts)
+
+    def loss_fn(p, step, imgs, dense):
+        idx = local_opt.minibatch_indices(key, step, imgs.shape[0], batch)
+        inputs, outputs, ctx = calibration.teacher_blocks(arch, dense, imgs[idx], all_blocks)
+        return local_opt.block_outputs_loss(p, arch, dense, layouts, inputs, outputs, ctx)
+
+    def train():
+        steps = max(int(round(cfg["local"]["epochs"] * -(-dat.calib.shape[0] // batch))), 1)
+        p_sh = {n: sharding.group_shardings(p, run.mesh, run.rules, arch.mlp_spec.fc_names, arch.mlp_spec.transposed)
+                for n, p in p0.items()}
+        return local_opt.train(p0, loss_fn, (jnp.asarray(dat.calib), params), fips.local_config(cfg, steps),
+                               run.path("groups", "loop"), checkpoint_every=cfg["checkpoint_every"], log=log,
+                               name="local", on_step=run.on_step, param_shardings=p_sh)
+
+    losses = []
+
+    def train_and_keep_losses():
+        p, ls = train()
+        losses.extend(ls)
+        return p
+
+    p1 = run.stage("groups/final", train_and_keep_losses, "arrays", quiet=True)
+    variants: dict[str, Any] = {"dense": None}
+    for m in peers:
+        variants[m.NAME] = lambda m=m: [pt for n in names for pt in m.init(problems[n])]
+    one_shot = fips.one_shot(p0, cfg)
+    variants["fips_init"] = lambda: [(layouts[n], one_shot[n]) for n in names]
+    variants["fips_final"] = lambda: [(layouts[n], p1[n]) for n in names]
+
+    inputs, outputs, ctx = jax.jit(lambda p, x: calibration.teacher_blocks(arch, p, x, all_blocks))(
+        params, jnp.asarray(dat.holdout))
+    block = {i: jax.jit(lambda p, h, c, i=i: arch.block(p, i, h, c)[0]) for i in all_blocks}
+    heldout = {}
+    for k, parts in variants.items():
+        if parts is not None:
+            model = factors.assemble(params, parts())
+            heldout[k] = [relative_error(block[i](model, inputs[i], ctx), outputs[i]) for i in all_blocks]
+    return Calibrated(variants=variants, final=dict(p1), layouts=layouts, heldout=heldout, blocks=all_blocks,
+                      finetune_inputs=dat.calib, finetune_labels=dat.calib_labels,
+                      metrics={"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                               "data": {"calib_images": int(dat.calib.shape[0]),
+                                        "eval_images": int(dat.eval_images.shape[0])}})
+
+
+def evaluate(run, arch, params, dat: Data, variants: dict) -> tuple[dict, dict]:
+    """Top-1/5 (with labels) and agreement with the dense model's predictions for every variant;
+    for backbones a linear probe and the CLS cosine (`eval.probe`)."""
+    apply = jax.jit(arch.apply)
+    bs = run.cfg["eval"]["batch_size"]
+
+    def logits_of(model):
+        return np.concatenate([np.asarray(apply(model, jnp.asarray(dat.eval_images[s:s + bs])))
+                               for s in range(0, dat.eval_images.shape[0], bs)])
+
+    models = {k: params if parts is None else factors.assemble(params, parts()) for k, parts in variants.items()}
+    dense_logits = logits_of(params)
+    evals = {}
+    for k, model in models.items():
+        logits = dense_logits if k == "dense" else logits_of(model)
+        ev = {"n_examples": int(logits.shape[0])}
+        if dat.eval_labels is not None:
+            correct = classification.topk_correct(jnp.asarray(logits), jnp.asarray(dat.eval_labels), ks=(1, 5))
+            ev.update(top1=float(np.mean(correct[0])), top5=float(np.mean(correct[1])))
+        if k != "dense":
+            ev["agreement_with_dense"] = float(np.mean(logits.argmax(-1) == dense_logits.argmax(-1)))
+            ev["logits_rel_error"] = relative_error(jnp.asarray(logits), jnp.asarray(dense_logits))
+        evals[k] = ev
+    extra = {"task": NAME, "metric": "top1" if dat.eval_labels is not None else "agreement_with_dense"}
+    probe_cfg = run.cfg["eval"]["probe"]
+    if probe_cfg["source"]:  # linear probe + CLS cosine of every model's features (backbones)
+        extra["probe"] = run.stage("stages/eval_probe", lambda: features.probe_models(arch, models, probe_cfg,
+                                                                                       batch_size=bs))
+        run.log("linear probe:\n" + features.report_table(extra["probe"]))
+    return evals, extra
