@@ -21,8 +21,7 @@ import jax.numpy as jnp
 from fips_jax.models import base
 
 
-def path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+path_str = base.path_str  # the name export.py and the tests know it by
 
 
 def select_paths(params: Mapping[str, Any], pattern: str) -> list[str]:

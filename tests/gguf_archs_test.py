@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from fips_jax.hf import checkpoint, convert
 from fips_jax.hf import gguf as hf_gguf
@@ -124,7 +125,7 @@ def test_load_gguf_matches_the_file_and_transformers(tmp_path, family, scheme):
     # GGUF keeps eps as float32; it is read back as the decimal it was written from.
     assert arch.name == name
     assert arch.config == cfg
-    flat = convert.flatten(params)
+    flat = traverse_util.flatten_dict(params, sep="/")
     fam = checkpoint.family(name)
     for e in fam.key_map(arch.config):
         want = convert.TRANSFORMS[e.transform].to_flax(stored[e.hf_key], None)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from fips_jax.hf import convert
 from fips_jax.hf import gguf as hf_gguf
@@ -94,7 +95,7 @@ def test_synthetic_llama_gguf_round_trips_every_tensor(tmp_path, tiny_params, ti
     no_ids = {"bos_token_id": None, "eos_token_id": None}
     assert loaded_arch.config == LlamaConfig(**{**cfg.__dict__, **no_ids})
     assert ("lm_head" in loaded) == (not tied)
-    flat = convert.flatten(loaded)
+    flat = traverse_util.flatten_dict(loaded, sep="/")
     for e in hf_llama.key_map(cfg):
         want = convert.TRANSFORMS[e.transform].to_flax(stored[e.hf_key], None)
         np.testing.assert_array_equal(np.asarray(flat[e.flax_path]), want, err_msg=e.hf_key)

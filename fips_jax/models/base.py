@@ -104,6 +104,11 @@ class Architecture(Protocol):
     def apply(self, params: Params, inputs: jax.Array) -> jax.Array: ...
 
 
+def path_str(key_path: Sequence[Any]) -> str:
+    """Slash-joined jax key path, e.g. `blocks_3/mlp/up/kernel` (the form `get_path` reads)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
+
+
 def get_path(tree: Params, path: str) -> Any:
     node = tree
     for part in path.split("/"):
