@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from fips_jax import data
+from fips_jax.data import text as text_data
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.hf.gguf_file import GgufFile
 
@@ -33,7 +33,7 @@ def smollm2_path():
 
 def _real_text(min_chars: int) -> str:
     try:
-        articles = data.wiki_offline_articles("eval")
+        articles = text_data.wiki_offline_articles("eval")
     except (FileNotFoundError, ImportError) as e:
         pytest.skip(str(e))
     out, n = [], 0
