@@ -56,8 +56,8 @@ def test_folder_calibration_and_batches(imagenet_root):
 def test_streamed_sample_equals_the_eager_one(imagenet_root):
     eager_images, eager_labels = image_data.imagenet_folder_calibration(
         imagenet_root, per_class=3, n_classes=2, seed=1, interpolation="bicubic")
-    batches = list(image_data.imagenet_folder_sample_batches(
-        imagenet_root, per_class=3, n_classes=2, seed=1, split="train", batch_size=4, interpolation="bicubic"))
+    sample = image_data.stratified_sample(imagenet_root, "train", per_class=3, n_classes=2, seed=1)
+    batches = list(image_data.image_batches(*sample, batch_size=4, interpolation="bicubic"))
     assert [b[0].shape for b in batches] == [(4, 224, 224, 3), (2, 224, 224, 3)]
     assert all(b[0].dtype == np.float32 and b[1].dtype == np.int32 for b in batches)
     np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), eager_images)

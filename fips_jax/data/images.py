@@ -3,8 +3,8 @@
 ImageNet: a folder `root/{train,val}/<wnid>/*.JPEG` (any image extension), every image
 preprocessed by one function: resize the shorter side to 256, center crop 224, ImageNet mean/std,
 NHWC float32 (SPEC §6). Loaded eagerly (`imagenet_folder_calibration`, a class-stratified
-sample) or streamed a batch at a time (`imagenet_folder_sample_batches`: the same sample;
-`imagenet_folder_batches`: a whole split).
+sample) or streamed a batch at a time (`image_batches` over `stratified_sample`'s files: the same
+sample; `imagenet_folder_batches`: a whole split).
 
 Fashion-MNIST: the IDX files of the Debian package, read with numpy alone; `grayscale_to_model_inputs`
 turns its 28x28 grayscale images into a ViT's normalised RGB input, so a backbone can be
@@ -152,19 +152,14 @@ def imagenet_folder_calibration(
     return load_images(paths, **preprocess_kwargs), labels
 
 
-def imagenet_folder_sample_batches(
-    root: str,
-    per_class: int,
-    n_classes: int | None = None,
-    seed: int = 0,
-    split: str = "val",
-    batch_size: int = 256,
-    **preprocess_kwargs,
+def image_batches(
+    paths: Sequence[str], labels: Sequence[int] | np.ndarray, batch_size: int = 256, **preprocess_kwargs
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`imagenet_folder_calibration`'s sample streamed: (images `[b, 224, 224, 3]` float32,
-    labels `[b]` int32) batches that concatenate to its arrays, decoding only one batch at a time
-    (evaluation sets too large to hold as float32). The last batch may be smaller."""
-    paths, labels = stratified_sample(root, split, per_class, n_classes, seed)
+    """Image files streamed as (images `[b, 224, 224, 3]` float32, labels `[b]` int32), decoding one
+    batch at a time (evaluation sets too large to hold as float32); the last batch may be smaller.
+    `image_batches(*stratified_sample(root, split, per_class, n_classes, seed))` streams what
+    `imagenet_folder_calibration` returns whole."""
+    labels = np.asarray(labels, np.int32)
     for start in range(0, len(paths), batch_size):
         yield load_images(paths[start : start + batch_size], **preprocess_kwargs), labels[start : start + batch_size]
 
@@ -185,9 +180,7 @@ def imagenet_folder_batches(
     _, files = imagenet_folder_index(root, split)
     items = [(path, c) for c, class_files in enumerate(files) for path in class_files]
     items = items[process_index::process_count]
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        yield load_images([p for p, _ in chunk], **preprocess_kwargs), np.asarray([c for _, c in chunk], np.int32)
+    yield from image_batches([p for p, _ in items], [c for _, c in items], batch_size, **preprocess_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
