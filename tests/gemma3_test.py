@@ -79,11 +79,8 @@ def test_config_reads_hub_current_and_multimodal_layouts():
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """(torch Gemma3ForCausalLM, checkpoint dir) for a random tiny model saved with save_pretrained."""
-    if torch is None:
-        pytest.skip("HF parity checks need torch")
-    path = tmp_path_factory.mktemp("gemma3")
-    hf_config = transformers.Gemma3TextConfig(**Gemma3Config(**TINY).to_hf_config())
-    return helpers.hf_causal_lm(torch, transformers.Gemma3ForCausalLM, hf_config, perturb=0.3, save_to=path), path
+    return helpers.saved_tiny_causal_lm(torch, tmp_path_factory.mktemp("gemma3"), "Gemma3ForCausalLM",
+                                        "Gemma3TextConfig", Gemma3Config(**TINY), perturb=0.3)
 
 
 def test_transformers_reads_our_config_as_we_do(hf_checkpoint):

@@ -48,14 +48,11 @@ def test_config_reads_the_released_2b_and_round_trips():
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """(torch GemmaForCausalLM, checkpoint dir) for a random tiny model saved with save_pretrained."""
-    if torch is None:
-        pytest.skip("HF parity checks need torch")
     # HF starts the (1 + w) norms at w = 0; perturb so they matter. Less than Gemma-2/3's tests
     # (0.3): without post-norms the residual stream grows to ~30 there, where float32 rounding
     # alone exceeds 1e-5 (measured at 0.1: hidden states 5e-7, logits 7e-7).
-    path = tmp_path_factory.mktemp("gemma")
-    hf_config = transformers.GemmaConfig(**GemmaConfig(**TINY).to_hf_config())
-    return helpers.hf_causal_lm(torch, transformers.GemmaForCausalLM, hf_config, perturb=0.1, save_to=path), path
+    return helpers.saved_tiny_causal_lm(torch, tmp_path_factory.mktemp("gemma"), "GemmaForCausalLM", "GemmaConfig",
+                                        GemmaConfig(**TINY), perturb=0.1)
 
 
 def test_mlp_matches_transformers(hf_checkpoint):

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
+import _helpers as helpers
 from fips_jax.data import text as text_data
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.hf.gguf_file import GgufFile
@@ -25,10 +26,7 @@ TOKENIZER_STRINGS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    try:
-        return hf_gguf.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return helpers.smollm2_gguf_or_skip()
 
 
 def _real_text(min_chars: int) -> str:

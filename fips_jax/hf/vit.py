@@ -122,6 +122,16 @@ def norm(path: str, name: str) -> list[KeyMapEntry]:
     return [KeyMapEntry(f"{path}/scale", f"{name}.weight"), KeyMapEntry(f"{path}/bias", f"{name}.bias")]
 
 
+def embedding_entries(emb: str) -> list[KeyMapEntry]:
+    """Patch projection, CLS token and position table under the HF prefix `emb` (e.g. "vit.embeddings")."""
+    return [
+        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
+        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
+        KeyMapEntry("cls_token", f"{emb}.cls_token"),
+        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # ViT / DeiT.
 # ---------------------------------------------------------------------------------------
@@ -178,15 +188,9 @@ def config_to_hf(cfg: ViTConfig) -> dict:
 def key_map(cfg: ViTConfig) -> list[KeyMapEntry]:
     """(flax path, HF tensor name, transform) for every parameter of the model."""
     p = "deit" if cfg.dist_token else "vit"
-    emb = f"{p}.embeddings"
-    km = [
-        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
-        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
-        KeyMapEntry("cls_token", f"{emb}.cls_token"),
-        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
-    ]
+    km = embedding_entries(f"{p}.embeddings")
     if cfg.dist_token:
-        km.append(KeyMapEntry("dist_token", f"{emb}.distillation_token"))
+        km.append(KeyMapEntry("dist_token", f"{p}.embeddings.distillation_token"))
     for i in range(cfg.num_layers):
         b, h = f"blocks_{i}", f"{p}.encoder.layer.{i}"
         km += norm(f"{b}/norm1", f"{h}.layernorm_before")

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax.models import base
-from fips_jax.models.vit import Attention, ImageArchitecture, Mlp, dense, layer_norm, patch_conv
+from fips_jax.models.vit import Attention, ImageArchitecture, Mlp, PatchEmbed, dense, layer_norm, patch_conv
 
 # HF builds the patch-embedding and patch-merging LayerNorms with PyTorch's default eps, not
 # config.layer_norm_eps (which only the blocks and the final norm use).
@@ -245,13 +245,9 @@ class PatchMerging(nn.Module):
         return dense(2 * c, (None, "embed"), use_bias=False, name="reduction", **prec)(x)
 
 
-class SwinPatchEmbed(nn.Module):
-    """images [B, H, W, C] -> [B, ceil(H/ph), ceil(W/pw), d] (zero-pads bottom/right), then LayerNorm."""
-
-    features: int
-    patch: tuple[int, int]
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class SwinPatchEmbed(PatchEmbed):
+    """images [B, H, W, C] -> [B, ceil(H/ph), ceil(W/pw), d] (zero-pads bottom/right), then LayerNorm.
+    PatchEmbed's fields; the token grid is kept 2-D for the windows."""
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
