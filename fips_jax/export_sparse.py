@@ -165,12 +165,12 @@ def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> Siz
                         where=path)
     tensors = _flat(tree["base"], "base/")
     for g in manifest["groups"]:
-        name, p = g["name"], tree["fips"][g["name"]]
-        tensors[f"fips/{name}/u"] = np.asarray(p["u"])
-        for part, arr in encode_v(p["v"]).items():
+        name, group_params = g["name"], tree["fips"][g["name"]]
+        tensors[f"fips/{name}/u"] = np.asarray(group_params["u"])
+        for part, arr in encode_v(group_params["v"]).items():
             tensors[f"fips/{name}/v/{part}"] = arr
-        if "bias" in p:
-            tensors.update(_flat(p["bias"], f"fips/{name}/bias/"))
+        if "bias" in group_params:
+            tensors.update(_flat(group_params["bias"], f"fips/{name}/bias/"))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"  # a fixed name: a killed attempt's leftover is overwritten by the next

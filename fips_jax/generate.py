@@ -65,12 +65,12 @@ def _group_inputs(tree: dict, manifest: dict, mode: str) -> dict:
     `mlp_logits_fn`."""
     out = {}
     for g in manifest["groups"]:
-        p = dict(tree["fips"][g["name"]])
-        v = np.asarray(p.pop("v"))
+        group_params = dict(tree["fips"][g["name"]])
+        v = np.asarray(group_params.pop("v"))
         # One array per FC, split once here: a slice inside the jitted forward is a copy per call.
         pick = _pack if mode == "sparse" else jnp.asarray
-        p["factors"] = [[pick(v_t) for v_t in v_b] for v_b in v]
-        out[g["name"]] = p
+        group_params["factors"] = [[pick(v_t) for v_t in v_b] for v_b in v]
+        out[g["name"]] = group_params
     return out
 
 

@@ -100,7 +100,7 @@ def check_key_map(
         return [f"{e.flax_path}: transform {e.transform!r} not in {sorted(TRANSFORMS)}" for e in bad]
     problems = []
     mapped = {e.flax_path for e in key_map}
-    problems += [f"no checkpoint key maps to param {p} {shapes[p]}" for p in sorted(set(shapes) - mapped)]
+    problems += [f"no checkpoint key maps to param {path} {shapes[path]}" for path in sorted(set(shapes) - mapped)]
     keys = set(source.keys())
     for e in key_map:
         if e.flax_path not in shapes:
@@ -157,7 +157,7 @@ def export_params(params: Mapping[str, Any], key_map: Sequence[KeyMapEntry]) -> 
     key_map = [KeyMapEntry(*e) for e in key_map]
     flat = traverse_util.flatten_dict(params, sep="/")
     mapped = {e.flax_path for e in key_map}
-    problems = [f"param {p} has no checkpoint key" for p in sorted(set(flat) - mapped)]
+    problems = [f"param {path} has no checkpoint key" for path in sorted(set(flat) - mapped)]
     problems += [f"params lack {e.flax_path} (for {e.hf_key!r})" for e in key_map if e.flax_path not in flat]
     if problems:
         raise ValueError("cannot export params:\n  - " + "\n  - ".join(problems))

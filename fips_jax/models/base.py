@@ -65,10 +65,10 @@ def mlp_apply(spec: MlpSpec, mlp_params: Params, x: jax.Array) -> jax.Array:
     act = ACTIVATIONS[spec.activation]
 
     def fc(name, h):
-        p = mlp_params[name]
-        y = h @ p["kernel"].astype(h.dtype)
-        if "bias" in p:
-            y = y + p["bias"].astype(h.dtype)
+        layer = mlp_params[name]
+        y = h @ layer["kernel"].astype(h.dtype)
+        if "bias" in layer:
+            y = y + layer["bias"].astype(h.dtype)
         return y
 
     if spec.gated:
