@@ -10,6 +10,8 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every config key with its default, one commented line each: one listing rather than
+    helpers, so a key is found, and its meaning read, in one place."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.checkpoint_every = 50   # local-optimisation steps between Orbax checkpoints

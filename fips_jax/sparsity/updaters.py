@@ -207,7 +207,8 @@ class SparsityUpdater:
     def wrap_optax(
         self, inner: optax.GradientTransformation
     ) -> optax.GradientTransformationExtraArgs:
-        """`inner` with masked gradients/updates and mask updates; its state is a SparseState."""
+        """`inner` with masked gradients/updates and mask updates; its state is a SparseState.
+        (Long because it holds optax's init/update pair as closures over this updater.)"""
         inner = optax.with_extra_args_support(inner)
 
         def init_fn(params):
