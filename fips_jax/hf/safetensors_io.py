@@ -1,8 +1,10 @@
 """Lazy, validated reading and atomic writing of (sharded) safetensors checkpoints, bf16 included.
 
-Tensor bytes go through the `safetensors` package: `safe_open(framework="numpy")` memory-maps each
-file and returns one tensor at a time (bf16 as `ml_dtypes.bfloat16`, the dtype jax itself uses),
-and `safetensors.numpy.save_file` writes. This module adds what HF-layout checkpoints need around
+Tensor bytes go through the `safetensors` package: `safe_open(framework="numpy")` memory-maps a
+file and returns one tensor (bf16 as `ml_dtypes.bfloat16`, the dtype jax itself uses), and
+`safetensors.numpy.save_file` writes. A reader maps the file anew for each tensor, so the pages
+of tensors already read do not stay resident (mapped, they would count in RSS up to the
+checkpoint's size); that costs a header parse per tensor (~0.5 ms). This module adds what HF-layout checkpoints need around
 it: the sharded layout (`model.safetensors.index.json` naming a shard per tensor), atomic writes
 (one file via a temp file renamed into place, a checkpoint folder via a temp folder renamed into
 place: `save_checkpoint`), and errors that name the file and the tensor.
