@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fips_jax import config_base, data, export, factors, pipeline  # noqa: E402
+from fips_jax import config_base, export, factors, pipeline  # noqa: E402
+from fips_jax.data import images as image_data  # noqa: E402
 from fips_jax.methods import per_layer_svd  # noqa: E402
 from fips_jax.evaluators import features  # noqa: E402
 from fips_jax.models import registry  # noqa: E402
@@ -62,12 +63,12 @@ def main():
         runs[b] = metrics
 
     t0 = time.perf_counter()
-    train = data.fashion_mnist("train", n=probe_cfg["n_train"], path=probe_cfg["path"] or None)
-    test = data.fashion_mnist("test", n=probe_cfg["n_test"], path=probe_cfg["path"] or None)
+    train = image_data.fashion_mnist("train", n=probe_cfg["n_train"], path=probe_cfg["path"] or None)
+    test = image_data.fashion_mnist("test", n=probe_cfg["n_test"], path=probe_cfg["path"] or None)
     apply = jax.jit(arch.apply)  # one compilation for every param tree
 
     def feature_fn(params):
-        return lambda raw: apply(params, jnp.asarray(data.grayscale_to_model_inputs(raw, arch.config.image_size)))
+        return lambda raw: apply(params, jnp.asarray(image_data.grayscale_to_model_inputs(raw, arch.config.image_size)))
 
     report = features.probe_report({k: feature_fn(p) for k, p in models.items()}, train, test,
                                    batch_size=cfg["eval"]["batch_size"], l2=probe_cfg["l2"])

@@ -15,13 +15,7 @@ def get_config():
     c.data.eval.update(source="imagenet_folder", path="", split="val", per_class=50, n_classes=0,
                        interpolation="bilinear")
     c.data.holdout_images = 256
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.fips.group_size = 4
-    c.local.epochs = 20.0
-    c.local.batch_images = 128
-    c.local.lr = 1e-3
-    c.local.end_lr = 1e-5
-    c.local.weight_decay = 0.05
+    c.fips.update(budget=0.5, sparsity=0.75, group_size=4)
+    c.local.update(epochs=20.0, batch_images=128, lr=1e-3, end_lr=1e-5, weight_decay=0.05)
     c.eval.batch_size = 256
     return c

@@ -38,16 +38,14 @@ def get_config(arg: str = ""):
     c.data.calib.update(source="fashion_mnist", split="train", path="", n_images=256 if cpu else 1024)
     c.data.eval.update(source="fashion_mnist", split="test", path="", n_images=32 if cpu else 256)
     c.data.holdout_images = 32 if cpu else 128
-    c.fips.budget = 0.4
-    c.fips.sparsity = 0.75
-    c.fips.group_size = 4
-    c.local.algorithm = "gmp"
-    c.local.epochs = 8.0 if cpu else 20.0       # steps = epochs * n_images / batch_images
-    c.local.batch_images = 32 if cpu else 64
-    c.local.lr = 1e-3
-    c.local.end_lr = 1e-5
-    c.local.weight_decay = 0.05
-    c.local.update_freq = 8 if cpu else 20      # GMP mask updates: 8 (cpu) / 16 over the ramp
+    c.fips.update(budget=0.4, sparsity=0.75, group_size=4)
+    c.local.update(
+        algorithm="gmp",
+        epochs=8.0 if cpu else 20.0,  # steps = epochs * n_images / batch_images
+        batch_images=32 if cpu else 64,
+        lr=1e-3, end_lr=1e-5, weight_decay=0.05,
+        update_freq=8 if cpu else 20,  # GMP mask updates: 8 (cpu) / 16 over the ramp
+    )
     c.checkpoint_every = 50 if cpu else 100
     c.eval.batch_size = 16 if cpu else 128
     c.eval.probe.update(source="fashion_mnist", path="", n_train=2000, n_test=1000, l2=1e-3)

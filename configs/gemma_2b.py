@@ -2,10 +2,10 @@
 (`paper_llm_config`) with Gemma-2-2B's learning rate. Blocks [0, 1] as their own group like
 Gemma-2-2B (SPEC §1), then four groups of 4."""
 
-from fips_jax.config_base import paper_llm_config
+from fips_jax.config_base import pair_then_groups, paper_llm_config
 
 
 def get_config():
     c = paper_llm_config("google/gemma-2b", lr=3.125e-5, chunk=2)
-    c.fips.groups = ((0, 1),) + tuple(tuple(range(s, s + 4)) for s in range(2, 18, 4))
+    c.fips.groups = pair_then_groups(18, 4)
     return c

@@ -13,9 +13,6 @@ def get_config():
     c.data.holdout_images = 256
     c.fips.groups = ((0, 1), (2, 3), (4, 5, 6, 7, 8, 9), (10, 11, 12, 13, 14, 15), (16, 17, 18, 19, 20, 21),
                      (22, 23))
-    c.local.epochs = 20.0
-    c.local.batch_images = 128
-    c.local.lr = 1e-3
-    c.local.end_lr = 1e-5
+    c.local.update(epochs=20.0, batch_images=128, lr=1e-3, end_lr=1e-5)
     c.eval.batch_size = 256
     return c

@@ -13,14 +13,8 @@ def get_config():
     c.data.calib.update(source="random", n_images=64)
     c.data.eval.update(source="random", n_images=32)
     c.data.holdout_images = 16
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.fips.group_size = 2
-    c.local.epochs = 10.0
-    c.local.batch_images = 16
-    c.local.lr = 3e-3
-    c.local.end_lr = 3e-5
-    c.local.update_freq = 5
+    c.fips.update(budget=0.5, sparsity=0.75, group_size=2)
+    c.local.update(epochs=10.0, batch_images=16, lr=3e-3, end_lr=3e-5, update_freq=5)
     c.checkpoint_every = 10
     c.eval.batch_size = 16
     return c

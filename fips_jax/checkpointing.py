@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 KILL_ENV = "FIPS_JAX_KILL_AT"
@@ -255,15 +256,9 @@ def restore_tree(directory: str, like: Any | None = None, sharding: Any = None) 
     return ckptr.restore(path, abstract)
 
 
-def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def flatten_config(cfg: dict) -> dict[str, Any]:
+    """{"fips.tau": 0.5, ...}: nested config dicts flattened with dotted keys."""
+    return traverse_util.flatten_dict(cfg, sep=".")
 
 
 def check_config(workdir: str, cfg: dict, ignore: Iterable[str] = (), write: bool = True) -> None:

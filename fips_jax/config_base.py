@@ -10,6 +10,8 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every config key with its default, one commented line each: one listing rather than
+    helpers, so a key is found, and its meaning read, in one place."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.checkpoint_every = 50   # local-optimisation steps between Orbax checkpoints
@@ -116,15 +118,16 @@ def paper_llm_config(path: str, lr: float, chunk: int) -> ml_collections.ConfigD
                         window=8192, n_windows=20)
     c.data.eval.update(source="hf", dataset="wikitext", dataset_config="wikitext-2-raw-v1", split="test",
                        context=2048, max_windows=1000, protocol="standard")
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.local.epochs = 40.0
-    c.local.batch_tokens = 8192
-    c.local.lr = lr
-    c.local.end_lr = lr / 100
-    c.local.weight_decay = 0.1
+    c.fips.update(budget=0.5, sparsity=0.75)
+    c.local.update(epochs=40.0, batch_tokens=8192, lr=lr, end_lr=lr / 100, weight_decay=0.1)
     c.chunk = chunk
     return c
+
+
+def pair_then_groups(num_blocks: int, size: int) -> tuple[tuple[int, ...], ...]:
+    """`fips.groups` of blocks [0, 1] on their own, then consecutive groups of `size` (the last
+    may be smaller), e.g. (26, 6) -> ((0, 1), (2..7), (8..13), (14..19), (20..25))."""
+    return ((0, 1),) + tuple(tuple(range(s, min(s + size, num_blocks))) for s in range(2, num_blocks, size))
 
 
 def tiny_decoder_config(hf_config: dict, group_size: int = 2) -> ml_collections.ConfigDict:
@@ -138,15 +141,8 @@ def tiny_decoder_config(hf_config: dict, group_size: int = 2) -> ml_collections.
     c.data.calib.update(source="wiki_offline", split="calib", window=64, n_windows=8)
     c.data.eval.update(source="wiki_offline", split="eval", context=64, max_windows=8)
     c.data.holdout_windows = 4
-    c.fips.budget = 0.5
-    c.fips.sparsity = 0.75
-    c.fips.group_size = group_size
-    c.local.epochs = 10.0
-    c.local.batch_tokens = 128
-    c.local.lr = 3e-3
-    c.local.end_lr = 3e-5
-    c.local.weight_decay = 0.0
-    c.local.update_freq = 5
+    c.fips.update(budget=0.5, sparsity=0.75, group_size=group_size)
+    c.local.update(epochs=10.0, batch_tokens=128, lr=3e-3, end_lr=3e-5, weight_decay=0.0, update_freq=5)
     c.checkpoint_every = 10
     return c
 

@@ -35,10 +35,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from fips_jax import checkpointing, export, grouping
+from fips_jax import checkpointing, export
 from fips_jax.models import base
 
 FORMAT = "fips_jax.sparse/1"
@@ -151,7 +152,8 @@ def size_report(sizes: Mapping[str, int], manifest: Mapping[str, Any], file_byte
 
 
 def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
-    return {f"{prefix}{grouping.path_str(k)}": np.asarray(x) for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+    """{prefix + slash-joined path: leaf as numpy} of a params tree."""
+    return {f"{prefix}{base.path_str(k)}": np.asarray(x) for k, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> SizeReport:
@@ -163,12 +165,12 @@ def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> Siz
                         where=path)
     tensors = _flat(tree["base"], "base/")
     for g in manifest["groups"]:
-        name, p = g["name"], tree["fips"][g["name"]]
-        tensors[f"fips/{name}/u"] = np.asarray(p["u"])
-        for part, arr in encode_v(p["v"]).items():
+        name, group_params = g["name"], tree["fips"][g["name"]]
+        tensors[f"fips/{name}/u"] = np.asarray(group_params["u"])
+        for part, arr in encode_v(group_params["v"]).items():
             tensors[f"fips/{name}/v/{part}"] = arr
-        if "bias" in p:
-            tensors.update(_flat(p["bias"], f"fips/{name}/bias/"))
+        if "bias" in group_params:
+            tensors.update(_flat(group_params["bias"], f"fips/{name}/bias/"))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"  # a fixed name: a killed attempt's leftover is overwritten by the next
@@ -184,17 +186,6 @@ def convert(compressed_dir: str, path: str) -> SizeReport:
     """The Orbax export of `export.save` in `compressed_dir` -> one sparse safetensors file."""
     tree, manifest = export.read_tree(compressed_dir)
     return save(path, tree, manifest)
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for key, x in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = x
-    return out
 
 
 def _group_tensors(g: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
@@ -233,7 +224,8 @@ def read(path: str) -> tuple[dict, dict]:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:  # a corrupt file: the reference reader's message, one line
         raise ValueError(f"{path}: corrupt safetensors file ({' '.join(str(e).split())})") from None
-    base_tree = _nest({k[len("base/"):]: jnp.asarray(x) for k, x in arrays.items() if k.startswith("base/")})
+    base_flat = {k[len("base/"):]: jnp.asarray(x) for k, x in arrays.items() if k.startswith("base/")}
+    base_tree = traverse_util.unflatten_dict(base_flat, sep="/")
     fips = {}
     for g in manifest["groups"]:
         name = g["name"]

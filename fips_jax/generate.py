@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import data, export, export_sparse
+from fips_jax import export, export_sparse
+from fips_jax.data import text as text_data
 from fips_jax.models import base, fips_mlp, registry
 
 MLP_MODES = ("assembled",) + fips_mlp.MODES
@@ -64,12 +65,12 @@ def _group_inputs(tree: dict, manifest: dict, mode: str) -> dict:
     `mlp_logits_fn`."""
     out = {}
     for g in manifest["groups"]:
-        p = dict(tree["fips"][g["name"]])
-        v = np.asarray(p.pop("v"))
+        group_params = dict(tree["fips"][g["name"]])
+        v = np.asarray(group_params.pop("v"))
         # One array per FC, split once here: a slice inside the jitted forward is a copy per call.
         pick = _pack if mode == "sparse" else jnp.asarray
-        p["factors"] = [[pick(v_t) for v_t in v_b] for v_b in v]
-        out[g["name"]] = p
+        group_params["factors"] = [[pick(v_t) for v_t in v_b] for v_b in v]
+        out[g["name"]] = group_params
     return out
 
 
@@ -207,7 +208,7 @@ def run(compressed: str | None, sparse: str | None, prompt: str, max_new_tokens:
     if not registry.from_hf_config(manifest["hf_config"]).is_causal_lm:
         raise ValueError(f"{manifest['architecture']} is not a causal LM; nothing to generate")
     tok = resolve_tokenizer(tokenizer, tokenizer_from, manifest["hf_config"])
-    ids = data.encode(tok, prompt).tolist()
+    ids = text_data.encode(tok, prompt).tolist()
     limit = manifest["hf_config"].get("max_position_embeddings")
     if limit and len(ids) + max_new_tokens > limit:
         raise ValueError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new exceeds the model's {limit} positions")

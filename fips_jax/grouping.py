@@ -21,14 +21,13 @@ import jax.numpy as jnp
 from fips_jax.models import base
 
 
-def path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+path_str = base.path_str  # the name export.py and the tests know it by
 
 
 def select_paths(params: Mapping[str, Any], pattern: str) -> list[str]:
     """Slash-joined paths of the leaves whose path matches `pattern` (re.search), in tree order."""
     rx = re.compile(pattern)
-    return [p for p in (path_str(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)) if rx.search(p)]
+    return [path for path in (path_str(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)) if rx.search(path)]
 
 
 def make_groups(

@@ -93,9 +93,9 @@ def _probe_section(metrics: dict) -> str:
         return ""
     from fips_jax.evaluators import features  # pylint: disable=import-outside-toplevel
 
-    p = next(iter(metrics["probe"].values()))
-    return (f"## Linear probe ({metrics['config']['eval']['probe']['source']}, {p['n_train']} train / "
-            f"{p['n_test']} test images)\n\n{features.report_table(metrics['probe'])}\n\n")
+    probe = next(iter(metrics["probe"].values()))
+    return (f"## Linear probe ({metrics['config']['eval']['probe']['source']}, {probe['n_train']} train / "
+            f"{probe['n_test']} test images)\n\n{features.report_table(metrics['probe'])}\n\n")
 
 
 def _export_section(metrics: dict) -> str:

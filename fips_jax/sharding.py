@@ -293,7 +293,7 @@ def shadow_shardings(tree: Any, params: Any, param_shardings: Any) -> Any:
     if mesh is None:
         raise ValueError("shadow_shardings needs at least one param")
     replicated = NamedSharding(mesh, PartitionSpec())
-    longest = max(len(p) for p in flat_params)
+    longest = max(len(path) for path in flat_params)
 
     def pick(path, leaf):
         keys = [str(k.key) if isinstance(k, jax.tree_util.DictKey) else None for k in path]

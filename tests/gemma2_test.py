@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax.hf import checkpoint
+import _helpers as helpers
 from fips_jax.models import base
 from fips_jax.models.gemma2 import Gemma2Architecture, Gemma2Config
 
@@ -18,17 +18,7 @@ TINY = dict(
     # small enough that tanh bends the random model's logits.
     sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
 )
-
-
-def _tokens(batch=2, length=T, seed=0):
-    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
-
-
-def _random_params(arch, seed=0, scale=0.16):
-    """Params drawn with numpy on the model's shapes (no PRNG compile); norms store w of 1 + w."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(arch.init, jax.random.key(0))
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32), shapes)
+TOKENS = helpers.tokens(TINY["vocab_size"], length=T)  # [2, T]
 
 
 def test_config_round_trip():
@@ -49,57 +39,28 @@ def test_mlp_matches_transformers():
 
     torch.manual_seed(0)
     ref = Gemma2MLP(transformers.Gemma2Config(**Gemma2Config(**TINY).to_hf_config()))
-    arch = Gemma2Architecture(Gemma2Config(**TINY))
-    mlp = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T} for n in ("gate", "up", "down")}
-    x = np.random.RandomState(1).randn(2, 5, 32).astype(np.float32) * 3
-    with torch.no_grad():
-        want = ref(torch.tensor(x)).numpy()
-    np.testing.assert_allclose(np.asarray(base.mlp_apply(arch.mlp_spec, mlp, jnp.asarray(x))), want, atol=1e-5)
-
-
-def _hf_model(torch, transformers, cfg: Gemma2Config):
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM._from_config(
-        transformers.Gemma2Config(**cfg.to_hf_config()), attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():  # HF starts the (1 + w) norms at w = 0; perturb so they matter
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+    helpers.assert_mlp_matches(torch, ref, Gemma2Architecture(Gemma2Config(**TINY)))
 
 
 def test_parity_with_transformers_both_ways(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = Gemma2Config(**TINY)
-    model = _hf_model(torch, transformers, cfg)
-    model.save_pretrained(tmp_path / "hf")
-    tokens = _tokens()
-    with torch.no_grad():
-        out = model(torch.tensor(tokens), output_hidden_states=True)
-
-    arch, params = checkpoint.load_pretrained(str(tmp_path / "hf"))
+    # HF starts the (1 + w) norms at w = 0; perturb so they matter.
+    model = helpers.hf_causal_lm(torch, transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**cfg.to_hf_config()),
+                                 perturb=0.3, save_to=tmp_path / "hf")
+    tokens = TOKENS
+    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, tmp_path / "hf", tokens, hidden_rtol=1e-5)
     assert arch.config == cfg
-    logits = jax.jit(arch.apply)(params, jnp.asarray(tokens))
-    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
-    assert float(jnp.max(jnp.abs(logits))) < cfg.final_logit_softcapping
-    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
-    for i in range(arch.num_blocks):
-        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
-        hidden, _ = arch.block(params, i, hidden, ctx)
-
-    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
-    with torch.no_grad():
-        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
+    assert float(jnp.max(jnp.abs(jax.jit(arch.apply)(params, jnp.asarray(tokens))))) < cfg.final_logit_softcapping
+    helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
 
 
 def test_sliding_window_only_hides_keys_beyond_the_window():
     arch = Gemma2Architecture(Gemma2Config(**TINY))
     # Larger random weights than init, so attention is peaked enough for the window to matter.
-    params = _random_params(arch)
-    tokens = jnp.asarray(_tokens())
+    params = helpers.random_params(arch, scale=0.16, norm_mean=0.0)
+    tokens = jnp.asarray(TOKENS)
     windowed = jax.jit(arch.apply)(params, tokens)
     full = jax.jit(Gemma2Architecture(Gemma2Config(**{**TINY, "sliding_window": None})).apply)(params, tokens)
     diff = np.abs(np.asarray(full - windowed)).max(axis=(0, 2))  # per position
@@ -109,23 +70,13 @@ def test_sliding_window_only_hides_keys_beyond_the_window():
 
 def test_apply_is_the_staged_composition_and_mlp_in_feeds_the_mlp():
     arch = Gemma2Architecture(Gemma2Config(**TINY))
-    params = _random_params(arch, seed=1, scale=0.1)
-    tokens = jnp.asarray(_tokens())
+    params = helpers.random_params(arch, seed=1, norm_mean=0.0)
+    tokens = jnp.asarray(TOKENS)
     hidden, ctx = arch.embed(params, tokens)
     np.testing.assert_allclose(
         np.asarray(hidden), np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] * np.sqrt(32), rtol=1e-6
     )
-
-    @jax.jit
-    def staged(params, tokens):
-        hidden, ctx = arch.embed(params, tokens)
-        for i in range(arch.num_blocks):
-            hidden, _ = arch.block(params, i, hidden, ctx)
-        return arch.head(params, hidden, ctx)
-
-    full = jax.jit(arch.apply)(params, tokens)
-    np.testing.assert_allclose(np.asarray(staged(params, tokens)), np.asarray(full), atol=1e-5)
-    block = jax.jit(arch.block, static_argnums=1)
+    block = helpers.assert_staged_apply(arch, params, tokens)
 
     # Silencing block 1's MLP removes exactly post_mlp_norm(mlp(mlp_in)).
     h1, _ = block(params, 0, arch.embed(params, tokens)[0], ctx)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import _helpers as helpers
 from fips_jax.hf import checkpoint
 from fips_jax.hf import gemma3 as hf_gemma3
-from fips_jax.models import base
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 from fips_jax.models.gemma3 import Gemma3Architecture, Gemma3Config
 
 try:  # the HF parity tests build torch models; every other test here runs without torch
@@ -30,7 +30,7 @@ TINY = dict(
     vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=7, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
     sliding_window=4, rope_theta=1000.0, rope_local_base_freq=100.0,
-    rope_scaling=dc.RopeScaling("linear", 4.0), final_logit_softcapping=3.0,
+    rope_scaling=decoder_common.RopeScaling("linear", 4.0), final_logit_softcapping=3.0,
 )
 # google/gemma-3-1b-pt's config.json as released (legacy rope keys, no layer_types).
 HUB_1B = {
@@ -42,17 +42,7 @@ HUB_1B = {
     "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
     "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144,
 }
-
-
-def _tokens(batch=2, length=T, seed=0):
-    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
-
-
-def _random_params(arch, seed=0, scale=0.16):
-    """Params drawn with numpy on the model's shapes (no PRNG compile); norms store w of 1 + w."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(arch.init, jax.random.key(0))
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32), shapes)
+TOKENS = helpers.tokens(TINY["vocab_size"], length=T)  # [2, T]
 
 
 def test_config_reads_hub_current_and_multimodal_layouts():
@@ -71,14 +61,14 @@ def test_config_reads_hub_current_and_multimodal_layouts():
     current.update(layer_types=list(hub.layer_types), rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
-    assert Gemma3Config.from_hf_config(current).rope_scaling == dc.RopeScaling("linear", 8.0)
+    assert Gemma3Config.from_hf_config(current).rope_scaling == decoder_common.RopeScaling("linear", 8.0)
     # A multimodal config.json: its text_config (sparse, HF defaults fill the rest).
     multimodal = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {
         "model_type": "gemma3_text", "hidden_size": 2560, "num_hidden_layers": 34,
         "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
     mm = Gemma3Config.from_hf_config(multimodal)
     assert (mm.hidden_size, mm.vocab_size, mm.rope_theta, mm.eos_token_id) == (2560, 262208, 1e6, (1, 106))
-    assert mm.rope_scaling == dc.RopeScaling("linear", 8.0) and len(mm.layer_types) == 34
+    assert mm.rope_scaling == decoder_common.RopeScaling("linear", 8.0) and len(mm.layer_types) == 34
     with pytest.raises(ValueError, match="sliding_window"):
         Gemma3Config(**{**TINY, "sliding_window": None})
     with pytest.raises(ValueError, match="sliding-window layers"):
@@ -89,18 +79,8 @@ def test_config_reads_hub_current_and_multimodal_layouts():
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """(torch Gemma3ForCausalLM, checkpoint dir) for a random tiny model saved with save_pretrained."""
-    if torch is None:
-        pytest.skip("HF parity checks need torch")
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM._from_config(
-        transformers.Gemma3TextConfig(**Gemma3Config(**TINY).to_hf_config()), attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():  # HF starts the (1 + w) norms at w = 0; perturb so they matter
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("gemma3")
-    model.save_pretrained(path)
-    return model, path
+    return helpers.saved_tiny_causal_lm(torch, tmp_path_factory.mktemp("gemma3"), "Gemma3ForCausalLM",
+                                        "Gemma3TextConfig", Gemma3Config(**TINY), perturb=0.3)
 
 
 def test_transformers_reads_our_config_as_we_do(hf_checkpoint):
@@ -114,36 +94,16 @@ def test_transformers_reads_our_config_as_we_do(hf_checkpoint):
 
 def test_mlp_matches_transformers(hf_checkpoint):
     model, _ = hf_checkpoint
-    ref = model.model.layers[3].mlp
-    arch = Gemma3Architecture(Gemma3Config(**TINY))
-    mlp = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T} for n in ("gate", "up", "down")}
-    x = np.random.RandomState(1).randn(2, 5, 32).astype(np.float32) * 3
-    with torch.no_grad():
-        want = ref(torch.tensor(x)).numpy()
-    np.testing.assert_allclose(np.asarray(base.mlp_apply(arch.mlp_spec, mlp, jnp.asarray(x))), want, atol=1e-5)
+    helpers.assert_mlp_matches(torch, model.model.layers[3].mlp, Gemma3Architecture(Gemma3Config(**TINY)))
 
 
 def test_parity_with_transformers_both_ways(hf_checkpoint, tmp_path):
     model, path = hf_checkpoint
-    tokens = _tokens()
-    with torch.no_grad():
-        out = model(torch.tensor(tokens), output_hidden_states=True)
-
-    arch, params = checkpoint.load_pretrained(str(path))
+    tokens = TOKENS
+    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, path, tokens, hidden_rtol=1e-5)
     assert arch.config == Gemma3Config(**TINY) and arch.name == "gemma3_text"
-    logits = jax.jit(arch.apply)(params, jnp.asarray(tokens))
-    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
-    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
-    for i in range(arch.num_blocks):
-        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
-        hidden, _ = arch.block(params, i, hidden, ctx)
-
-    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    reloaded = helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
     assert type(reloaded).__name__ == "Gemma3ForCausalLM"
-    with torch.no_grad():
-        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
 
 
 def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
@@ -155,7 +115,7 @@ def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
               "multi_modal_projector.mm_input_projection_weight": np.zeros((8, 32), np.float32)}
     hf_text = json.loads((path / "config.json").read_text())
     arch, params = checkpoint.load_pretrained(str(path))
-    want = np.asarray(arch.apply(params, jnp.asarray(_tokens())))
+    want = np.asarray(arch.apply(params, jnp.asarray(TOKENS)))
     for prefix, tag in (("language_model.model.", "released"), ("model.language_model.", "4.5x")):
         folder = tmp_path / tag
         folder.mkdir()
@@ -167,7 +127,7 @@ def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
             "text_config": hf_text, "vision_config": {"model_type": "siglip_vision_model"}}))
         arch, params = checkpoint.load_pretrained(str(folder))
         assert arch.config == Gemma3Config(**TINY)
-        np.testing.assert_allclose(np.asarray(arch.apply(params, jnp.asarray(_tokens()))), want, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(arch.apply(params, jnp.asarray(TOKENS))), want, atol=1e-6)
     # An untied head sits beside the text model in either layout.
     untied = Gemma3Config(**{**TINY, "tie_word_embeddings": False})
     for prefix, head in (("language_model.model.", "language_model.lm_head.weight"),
@@ -179,8 +139,8 @@ def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):
 
 def test_local_layers_use_the_window_and_their_own_rope():
     arch = Gemma3Architecture(Gemma3Config(**TINY))
-    params = _random_params(arch)
-    tokens = jnp.asarray(_tokens())
+    params = helpers.random_params(arch, scale=0.16, norm_mean=0.0)
+    tokens = jnp.asarray(TOKENS)
     ref = np.asarray(jax.jit(arch.apply)(params, tokens))
 
     def variant(**kw):
@@ -197,10 +157,10 @@ def test_local_layers_use_the_window_and_their_own_rope():
 def test_qk_norm_params_scaled_embeddings_and_tied_head():
     # The staged view itself is checked against transformers' per-layer hidden states above.
     arch = Gemma3Architecture(Gemma3Config(**TINY))
-    params = _random_params(arch, seed=1, scale=0.1)
+    params = helpers.random_params(arch, seed=1, norm_mean=0.0)
     assert params["blocks_0"]["attn"]["q_norm"]["scale"].shape == (16,)
     assert arch.logical_axes()["blocks_0"]["attn"]["k_norm"]["scale"] == jax.sharding.PartitionSpec("head_dim")
-    tokens = jnp.asarray(_tokens())
+    tokens = jnp.asarray(TOKENS)
     hidden, _ = arch.embed(params, tokens)
     np.testing.assert_allclose(
         np.asarray(hidden), np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] * np.sqrt(32), rtol=1e-6

@@ -2,13 +2,11 @@
 parity with transformers (logits, per-block hidden states), the HF round trip, and what makes it
 a Gemma: two (1 + w) norms per block, sqrt(d)-scaled embeddings, head_dim ** -0.5 scaling."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax.hf import checkpoint
-from fips_jax.models import base
+import _helpers as helpers
 from fips_jax.models.gemma import GemmaArchitecture, GemmaConfig
 
 try:  # the HF parity tests build torch models; every other test here runs without torch
@@ -29,10 +27,7 @@ HUB_2B = {
     "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06,
     "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 256000,
 }
-
-
-def _tokens(batch=2, length=T, seed=0):
-    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
+TOKENS = helpers.tokens(TINY["vocab_size"], length=T)  # [2, T]
 
 
 def test_config_reads_the_released_2b_and_round_trips():
@@ -53,55 +48,27 @@ def test_config_reads_the_released_2b_and_round_trips():
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """(torch GemmaForCausalLM, checkpoint dir) for a random tiny model saved with save_pretrained."""
-    if torch is None:
-        pytest.skip("HF parity checks need torch")
-    torch.manual_seed(0)
-    model = transformers.GemmaForCausalLM._from_config(
-        transformers.GemmaConfig(**GemmaConfig(**TINY).to_hf_config()), attn_implementation="eager"
-    ).eval()
     # HF starts the (1 + w) norms at w = 0; perturb so they matter. Less than Gemma-2/3's tests
     # (0.3): without post-norms the residual stream grows to ~30 there, where float32 rounding
     # alone exceeds 1e-5 (measured at 0.1: hidden states 5e-7, logits 7e-7).
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("gemma")
-    model.save_pretrained(path)
-    return model, path
+    return helpers.saved_tiny_causal_lm(torch, tmp_path_factory.mktemp("gemma"), "GemmaForCausalLM", "GemmaConfig",
+                                        GemmaConfig(**TINY), perturb=0.1)
 
 
 def test_mlp_matches_transformers(hf_checkpoint):
     model, _ = hf_checkpoint
-    ref = model.model.layers[1].mlp
-    arch = GemmaArchitecture(GemmaConfig(**TINY))
-    mlp = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T} for n in ("gate", "up", "down")}
-    x = np.random.RandomState(1).randn(2, 5, 32).astype(np.float32) * 3
-    with torch.no_grad():
-        want = ref(torch.tensor(x)).numpy()
-    np.testing.assert_allclose(np.asarray(base.mlp_apply(arch.mlp_spec, mlp, jnp.asarray(x))), want, atol=1e-5)
+    helpers.assert_mlp_matches(torch, model.model.layers[1].mlp, GemmaArchitecture(GemmaConfig(**TINY)))
 
 
 def test_parity_with_transformers_both_ways(hf_checkpoint, tmp_path):
     model, path = hf_checkpoint
-    tokens = _tokens()
-    with torch.no_grad():
-        out = model(torch.tensor(tokens), output_hidden_states=True)
-
-    arch, params = checkpoint.load_pretrained(str(path))
+    tokens = TOKENS
+    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, path, tokens, hidden_rtol=1e-5)
     assert arch.config == GemmaConfig(**TINY) and arch.name == "gemma"
     assert "lm_head" not in params and "post_attn_norm" not in params["blocks_0"]
-    logits = jax.jit(arch.apply)(params, jnp.asarray(tokens))
-    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4)
-    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
+    hidden, _ = arch.embed(params, jnp.asarray(tokens))
     np.testing.assert_allclose(  # embeddings scaled by sqrt(d)
         np.asarray(hidden), np.asarray(params["embed"]["embedding"])[tokens] * np.sqrt(32), rtol=1e-6)
-    for i in range(arch.num_blocks):
-        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
-        hidden, _ = arch.block(params, i, hidden, ctx)
 
-    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    reloaded = helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
     assert type(reloaded).__name__ == "GemmaForCausalLM"
-    with torch.no_grad():
-        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)

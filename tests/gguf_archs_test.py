@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import _helpers as helpers
 from fips_jax.hf import checkpoint, convert
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.models.qwen2 import Qwen2Config
@@ -69,15 +71,7 @@ def write_gguf(path, name, cfg, hf_tensors, scheme, seed=0):
     to_gguf.update({entry.hf_name(f"blk.{i}.{k}.{s}"): f"blk.{i}.{k}.{s}"
                     for i in range(cfg.num_hidden_layers) for k in kinds for s in ("weight", "bias")})
     w = gguf.GGUFWriter(str(path), name)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
+    helpers.add_decoder_hparams(w, cfg)
     if name == "qwen3":  # llama.cpp writes these when config.json has head_dim
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -124,7 +118,7 @@ def test_load_gguf_matches_the_file_and_transformers(tmp_path, family, scheme):
     # GGUF keeps eps as float32; it is read back as the decimal it was written from.
     assert arch.name == name
     assert arch.config == cfg
-    flat = convert.flatten(params)
+    flat = traverse_util.flatten_dict(params, sep="/")
     fam = checkpoint.family(name)
     for e in fam.key_map(arch.config):
         want = convert.TRANSFORMS[e.transform].to_flax(stored[e.hf_key], None)

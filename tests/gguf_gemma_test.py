@@ -50,18 +50,15 @@ def _write_gguf(path, arch, hf_cfg, tensors):
     """A GGUF file with llama.cpp's metadata keys for `arch` and the HF tensors renamed, norms + 1."""
     w = gguf.GGUFWriter(str(path), arch)
     c = hf_cfg
-    w.add_uint32(f"{arch}.context_length", c["max_position_embeddings"])
-    w.add_uint32(f"{arch}.embedding_length", c["hidden_size"])
-    w.add_uint32(f"{arch}.block_count", c["num_hidden_layers"])
-    w.add_uint32(f"{arch}.feed_forward_length", c["intermediate_size"])
-    w.add_uint32(f"{arch}.attention.head_count", c["num_attention_heads"])
-    w.add_uint32(f"{arch}.attention.head_count_kv", c["num_key_value_heads"])
-    w.add_uint32(f"{arch}.attention.key_length", c["head_dim"])
-    w.add_uint32(f"{arch}.attention.value_length", c["head_dim"])
+    for key, field in (("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                       ("block_count", "num_hidden_layers"), ("feed_forward_length", "intermediate_size"),
+                       ("attention.head_count", "num_attention_heads"),
+                       ("attention.head_count_kv", "num_key_value_heads"), ("attention.key_length", "head_dim"),
+                       ("attention.value_length", "head_dim"), ("attention.sliding_window", "sliding_window"),
+                       ("vocab_size", "vocab_size")):
+        w.add_uint32(f"{arch}.{key}", c[field])
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c["rms_norm_eps"])
-    w.add_uint32(f"{arch}.attention.sliding_window", c["sliding_window"])
     w.add_float32(f"{arch}.rope.freq_base", c["rope_theta"])
-    w.add_uint32(f"{arch}.vocab_size", c["vocab_size"])
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if c.get(cap) is not None:
             w.add_float32(f"{arch}.{cap}", c[cap])

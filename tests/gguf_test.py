@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import _helpers as helpers
 from fips_jax.hf import convert
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.hf import gguf_file
@@ -41,16 +43,8 @@ def _write_gguf(path, cfg, hf_tensors, architecture="llama"):
                      "ffn_down"):
             to_gguf[hf_gguf.hf_name(f"blk.{i}.{kind}.weight")] = f"blk.{i}.{kind}.weight"
     w = gguf.GGUFWriter(str(path), architecture)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
+    helpers.add_decoder_hparams(w, cfg)
     w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
     stored = {}
     for key, arr in hf_tensors:
         name = to_gguf[key]
@@ -94,7 +88,7 @@ def test_synthetic_llama_gguf_round_trips_every_tensor(tmp_path, tiny_params, ti
     no_ids = {"bos_token_id": None, "eos_token_id": None}
     assert loaded_arch.config == LlamaConfig(**{**cfg.__dict__, **no_ids})
     assert ("lm_head" in loaded) == (not tied)
-    flat = convert.flatten(loaded)
+    flat = traverse_util.flatten_dict(loaded, sep="/")
     for e in hf_llama.key_map(cfg):
         want = convert.TRANSFORMS[e.transform].to_flax(stored[e.hf_key], None)
         np.testing.assert_array_equal(np.asarray(flat[e.flax_path]), want, err_msg=e.hf_key)
@@ -147,10 +141,7 @@ def test_bad_gguf_files_raise(tmp_path, tiny_params):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = hf_gguf.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    path = helpers.smollm2_gguf_or_skip()
     arch, params = hf_gguf.load_gguf(path)
     return path, arch, params
 

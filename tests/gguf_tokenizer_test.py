@@ -11,7 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from fips_jax import data
+import _helpers as helpers
+from fips_jax.data import text as text_data
 from fips_jax.hf import gguf as hf_gguf
 from fips_jax.hf.gguf_file import GgufFile
 
@@ -25,15 +26,12 @@ TOKENIZER_STRINGS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    try:
-        return hf_gguf.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return helpers.smollm2_gguf_or_skip()
 
 
 def _real_text(min_chars: int) -> str:
     try:
-        articles = data.wiki_offline_articles("eval")
+        articles = text_data.wiki_offline_articles("eval")
     except (FileNotFoundError, ImportError) as e:
         pytest.skip(str(e))
     out, n = [], 0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from fips_jax.hf import checkpoint, convert, safetensors_io
 from fips_jax.hf import llama as hf_llama
@@ -46,7 +47,7 @@ def _copy_with(src, dst, edit):
 
 
 def _flat(params):
-    return {k: np.asarray(v) for k, v in convert.flatten(params).items()}
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def test_writer_reader_round_trip_and_library_compatibility(tmp_path):

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax.hf import checkpoint
+import _helpers as helpers
 from fips_jax.models import base
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 from fips_jax.models.llama import LlamaArchitecture, LlamaConfig
 
 LLAMA3_ROPE = {
@@ -27,22 +27,12 @@ TINY = dict(
 
 
 def _tiny_config(**overrides) -> LlamaConfig:
-    theta, scaling = dc.rope_from_hf({"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500.0}})
+    theta, scaling = decoder_common.rope_from_hf({"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500.0}})
     return LlamaConfig(**{**TINY, "rope_theta": theta, "rope_scaling": scaling, **overrides})
 
 
-def _tokens(batch=2, length=12, vocab=97, seed=0):
-    return np.random.RandomState(seed).randint(0, vocab, (batch, length))
-
-
-def _random_params(arch, seed=0, scale=0.1):
-    """Params drawn with numpy on the model's shapes: norm scales around 1, the rest around 0.
-    (Cheaper than compiling `arch.init`'s many PRNG calls; `arch.init` is tested below.)"""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(arch.init, jax.random.key(0))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray(rng.normal(path[-1].key == "scale", scale, s.shape), jnp.float32), shapes
-    )
+def _tokens():
+    return helpers.tokens(TINY["vocab_size"])
 
 
 def test_config_round_trip_and_legacy_rope_spelling():
@@ -65,16 +55,16 @@ def test_rope_matches_transformers_llama3():
     cfg = _tiny_config()
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf_config())
     rotary = modeling_llama.LlamaRotaryEmbedding(hf_cfg)
-    ours = dc.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    ours = decoder_common.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     np.testing.assert_allclose(ours, rotary.inv_freq.numpy(), rtol=1e-6)
-    plain = dc.rope_inv_freq(cfg.head_dim, cfg.rope_theta, None)
+    plain = decoder_common.rope_inv_freq(cfg.head_dim, cfg.rope_theta, None)
     assert np.sum(~np.isclose(ours, plain)) >= 2  # the scaling really changes frequencies
 
     x = np.random.RandomState(1).randn(2, 64, 3, cfg.head_dim).astype(np.float32)  # [B, T, N, hd]
     pos = np.broadcast_to(np.arange(64), (2, 64))
     cos, sin = rotary(torch.tensor(x), torch.tensor(pos))
     ref, _ = modeling_llama.apply_rotary_pos_emb(torch.tensor(x), torch.tensor(x), cos, sin, unsqueeze_dim=2)
-    got = dc.apply_rope(jnp.asarray(x), jnp.asarray(pos), ours)
+    got = decoder_common.apply_rope(jnp.asarray(x), jnp.asarray(pos), ours)
     np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=1e-5)
 
 
@@ -83,49 +73,19 @@ def test_parity_with_transformers_both_ways(tmp_path, tied):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = _tiny_config(tie_word_embeddings=tied, attention_bias=not tied, mlp_bias=not tied)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(
-        transformers.LlamaConfig(**cfg.to_hf_config()), attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():  # HF starts norms at 1 and biases at 0; perturb so every weight matters
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "hf")
+    model = helpers.hf_causal_lm(torch, transformers.LlamaForCausalLM, transformers.LlamaConfig(**cfg.to_hf_config()),
+                                 perturb=0.1, save_to=tmp_path / "hf")
     tokens = _tokens()
-    with torch.no_grad():
-        out = model(torch.tensor(tokens), output_hidden_states=True)
-
-    arch, params = checkpoint.load_pretrained(str(tmp_path / "hf"))
+    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, tmp_path / "hf", tokens)
     assert arch.config == cfg
-    np.testing.assert_allclose(np.asarray(arch.apply(params, jnp.asarray(tokens))), out.logits.numpy(), atol=1e-4)
-    # Block by block: HF hidden_states[i] is the input of layer i.
-    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
-    for i in range(arch.num_blocks):
-        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5)
-        hidden, _ = arch.block(params, i, hidden, ctx)
-
-    checkpoint.save_pretrained(arch, params, str(tmp_path / "ours"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
-    with torch.no_grad():
-        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
+    helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
 
 
 def test_apply_is_the_staged_composition_and_mlp_in_feeds_the_mlp():
     arch = LlamaArchitecture(_tiny_config(mlp_bias=True))
-    params = _random_params(arch)
+    params = helpers.random_params(arch)
     tokens = jnp.asarray(_tokens())
-
-    @jax.jit
-    def staged(params, tokens):
-        hidden, ctx = arch.embed(params, tokens)
-        for i in range(arch.num_blocks):
-            hidden, _ = arch.block(params, i, hidden, ctx)
-        return arch.head(params, hidden, ctx)
-
-    full = jax.jit(arch.apply)(params, tokens)
-    np.testing.assert_allclose(np.asarray(staged(params, tokens)), np.asarray(full), atol=1e-5)
-    block = jax.jit(arch.block, static_argnums=1)
+    block = helpers.assert_staged_apply(arch, params, tokens)
 
     # Silence block 0's MLP: the output drops by exactly mlp(mlp_in), and mlp_in is the
     # pre-MLP RMSNorm of what remains.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fips_jax.hf import checkpoint
+import _helpers as helpers
 from fips_jax.models import base, registry
 from fips_jax.models.qwen2 import Qwen2Architecture, Qwen2Config
 from fips_jax.models.qwen3 import Qwen3Architecture, Qwen3Config
@@ -34,17 +34,8 @@ CONFIGS = {
 HF_CLASSES = {Qwen2Config: ("Qwen2Config", "Qwen2ForCausalLM"), Qwen3Config: ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
-def _tokens(batch=2, length=12, seed=0):
-    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], (batch, length))
-
-
-def _random_params(arch, seed=0, scale=0.1):
-    """Params drawn with numpy on the model's shapes: norm scales around 1, the rest around 0."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(arch.init, jax.random.key(0))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.asarray(rng.normal(path[-1].key == "scale", scale, s.shape), jnp.float32), shapes
-    )
+def _tokens(length=12):
+    return helpers.tokens(TINY["vocab_size"], length=length)
 
 
 def test_config_round_trips_and_hf_sliding_window_rules():
@@ -74,43 +65,20 @@ def hf_checkpoint(request, tmp_path_factory):
         pytest.skip("HF parity checks need torch")
     cfg = CONFIGS[request.param]
     cfg_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[type(cfg)])
-    torch.manual_seed(0)
-    model = model_cls._from_config(cfg_cls(**cfg.to_hf_config()), attn_implementation="eager").eval()
-    with torch.no_grad():  # HF starts norms at 1 and biases at 0; perturb so every weight matters
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path / "hf")
+    model = helpers.hf_causal_lm(torch, model_cls, cfg_cls(**cfg.to_hf_config()), perturb=0.1, save_to=path / "hf")
     return cfg, model, path
 
 
 def test_parity_with_transformers_both_ways(hf_checkpoint):
     cfg, model, path = hf_checkpoint
     tokens = _tokens()
-    with torch.no_grad():
-        out = model(torch.tensor(tokens), output_hidden_states=True)
-
-    arch, params = checkpoint.load_pretrained(str(path / "hf"))
+    arch, params, want, logits_err, blocks_err = helpers.load_and_check_parity(torch, model, path / "hf", tokens)
+    print(f"\n{cfg.MODEL_TYPE}: max |logits - HF| = {logits_err:.2e}; blocks {blocks_err:.2e}", end="")
     assert arch.config == cfg and arch.name == cfg.MODEL_TYPE
     assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
-    logits = np.asarray(jax.jit(arch.apply)(params, jnp.asarray(tokens)))
-    print(f"\n{cfg.MODEL_TYPE}: max |logits - HF| = {np.abs(logits - out.logits.numpy()).max():.2e}", end="")
-    np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4)
-    # Block by block: HF hidden_states[i] is the input of layer i.
-    hidden, ctx = arch.embed(params, jnp.asarray(tokens))
-    worst = 0.0
-    for i in range(arch.num_blocks):
-        np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[i].numpy(), atol=1e-5)
-        worst = max(worst, float(np.abs(np.asarray(hidden) - out.hidden_states[i].numpy()).max()))
-        hidden, _ = arch.block(params, i, hidden, ctx)
-    print(f"; blocks {worst:.2e}", end="")
-
-    checkpoint.save_pretrained(arch, params, str(path / "ours"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(path / "ours", attn_implementation="eager")
+    reloaded = helpers.assert_hf_round_trip(torch, transformers, arch, params, path / "ours", tokens, want)
     assert type(reloaded) is type(model)
-    with torch.no_grad():
-        again = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(again, out.logits.numpy(), atol=1e-5)
 
 
 def test_qk_norm_matches_transformers_attention_module():
@@ -139,7 +107,7 @@ def test_qk_norm_matches_transformers_attention_module():
     attn = {n: {"kernel": getattr(ref, f"{n}_proj").weight.detach().numpy().T,
                 "bias": getattr(ref, f"{n}_proj").bias.detach().numpy()} for n in "qkvo"}
     attn.update({f"{n}_norm": {"scale": getattr(ref, f"{n}_norm").weight.detach().numpy()} for n in "qk"})
-    params = jax.tree_util.tree_map(np.asarray, _random_params(arch))
+    params = jax.tree_util.tree_map(np.asarray, helpers.random_params(arch))
     params["blocks_0"]["attn"] = attn
     params["blocks_0"]["pre_attn_norm"]["scale"] = np.ones(32, np.float32)
     params["blocks_0"]["mlp"]["down"]["kernel"] = np.zeros((48, 32), np.float32)  # block output - x == attention
@@ -153,19 +121,9 @@ def test_apply_is_the_staged_composition_and_mlp_in_feeds_the_mlp(name):
     cfg = CONFIGS[name]
     arch = registry.from_hf_config(cfg.to_hf_config())
     assert arch.config == cfg and type(arch) is {"qwen2": Qwen2Architecture, "qwen3": Qwen3Architecture}[cfg.MODEL_TYPE]
-    params = _random_params(arch)
+    params = helpers.random_params(arch)
     tokens = jnp.asarray(_tokens())
-
-    @jax.jit
-    def staged(params, tokens):
-        hidden, ctx = arch.embed(params, tokens)
-        for i in range(arch.num_blocks):
-            hidden, _ = arch.block(params, i, hidden, ctx)
-        return arch.head(params, hidden, ctx)
-
-    full = jax.jit(arch.apply)(params, tokens)
-    np.testing.assert_allclose(np.asarray(staged(params, tokens)), np.asarray(full), atol=1e-5)
-    block = jax.jit(arch.block, static_argnums=1)
+    block = helpers.assert_staged_apply(arch, params, tokens)
     h0, ctx = arch.embed(params, tokens)
     out, mlp_in = block(params, 0, h0, ctx)
     mlp = base.get_path(params, arch.mlp_path(0))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import data
+from fips_jax.data import images as image_data
 from fips_jax.evaluators import classification
 
 FeatureFn = Callable[[np.ndarray], Any]  # images [B, ...] -> features [B, D]
@@ -141,19 +141,19 @@ def probe_models(arch: Any, models: Mapping[str, Any], probe_cfg: Mapping[str, A
     models: {name: params} with the dense model under "dense"; probe_cfg: {"source":
     "fashion_mnist", "path": "" (the Debian package's folder), "n_train", "n_test", "l2"}.
     Images are taken as the first n_train of the train split and the first n_test of the test
-    split, converted to the model's input size by `data.grayscale_to_model_inputs` one batch at
+    split, converted to the model's input size by `image_data.grayscale_to_model_inputs` one batch at
     a time (so the raw uint8 images, not the float inputs, are what stays in memory).
     """
     if probe_cfg["source"] != "fashion_mnist":
         raise ValueError(f"eval.probe.source {probe_cfg['source']!r} not in ('fashion_mnist',)")
     path = probe_cfg.get("path") or None
-    train = data.fashion_mnist("train", n=probe_cfg["n_train"], path=path)
-    test = data.fashion_mnist("test", n=probe_cfg["n_test"], path=path)
+    train = image_data.fashion_mnist("train", n=probe_cfg["n_train"], path=path)
+    test = image_data.fashion_mnist("test", n=probe_cfg["n_test"], path=path)
     size = arch.config.image_size
     apply = jax.jit(arch.apply)  # params are an argument: one compilation serves every model
 
     def features_of(params):
-        return lambda raw: apply(params, jnp.asarray(data.grayscale_to_model_inputs(raw, size)))
+        return lambda raw: apply(params, jnp.asarray(image_data.grayscale_to_model_inputs(raw, size)))
 
     fns = {name: features_of(params) for name, params in models.items()}
     return probe_report(fns, train, test, reference="dense", batch_size=batch_size, l2=probe_cfg.get("l2", 1e-3))

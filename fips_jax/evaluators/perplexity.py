@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import data
+from fips_jax.data import text as text_data
 
 PROTOCOLS = ("standard", "reference_first_window")
 
@@ -48,9 +48,9 @@ def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 def _windows_for(token_ids: np.ndarray, context: int, protocol: str) -> np.ndarray:
     if protocol == "standard":
-        return data.token_windows(token_ids, context)
+        return text_data.token_windows(token_ids, context)
     if protocol == "reference_first_window":
-        return data.token_windows(token_ids, context, n_windows=1)
+        return text_data.token_windows(token_ids, context, n_windows=1)
     raise ValueError(f"perplexity protocol {protocol!r} not in {PROTOCOLS}")
 
 
@@ -130,16 +130,4 @@ def text_perplexity(
     **kwargs,
 ) -> dict[str, Any]:
     """`perplexity` of a text encoded once with `tokenizer` (BOS, if any, only at the start)."""
-    return perplexity(logits_fn, data.encode(tokenizer, text), context, protocol, **kwargs)
-
-
-def wikitext2_perplexity(
-    logits_fn: LogitsFn,
-    tokenizer: Any,
-    context: int = 2048,
-    protocol: str = "standard",
-    **kwargs,
-) -> dict[str, Any]:
-    """SPEC §6 benchmark: wikitext-2-raw-v1 test, rows joined with "\\n\\n" (needs HF datasets)."""
-    text = data.hf_text("wikitext", "wikitext-2-raw-v1", "test", streaming=False)
-    return text_perplexity(logits_fn, tokenizer, text, context, protocol, **kwargs)
+    return perplexity(logits_fn, text_data.encode(tokenizer, text), context, protocol, **kwargs)

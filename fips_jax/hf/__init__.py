@@ -1,6 +1,6 @@
 """Hugging Face and llama.cpp interchange: the only code that knows checkpoint key names.
 
-    safetensors_io   lazy, validated reading/writing of (sharded) safetensors, bf16 included
+    safetensors_io   (sharded) safetensors via the `safetensors` package: lazy, checked reads, atomic writes
     convert          name maps (flax path, HF key, reversible transform) -> params, all errors at once
     checkpoint       load_pretrained / save_pretrained, dispatching on config.json's model_type
     llama, gemma,    decoder family modules (config + key map); vit, swin: vision families

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from fips_jax.hf import convert, gemma, gemma2, gemma3, llama, qwen2, qwen3, safetensors_io, swin, vit
 from fips_jax.models import base
@@ -101,7 +102,7 @@ def load_pretrained(
 
 
 def _dtype_name(params: dict) -> str:
-    dtypes = {np.dtype(x.dtype).name for x in convert.flatten(params).values()}
+    dtypes = {np.dtype(x.dtype).name for x in traverse_util.flatten_dict(params, sep="/").values()}
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Seque
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Shape = tuple[int, ...]
 
@@ -76,34 +77,10 @@ class KeyMapEntry(NamedTuple):
     transform: str = "identity"
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a/b/c": leaf} -> nested dict."""
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def expected_shapes(init_fn: Callable[[jax.Array], Any]) -> dict[str, Shape]:
     """{flax path: shape} of `init_fn(rng)`'s params, without allocating them."""
     shapes = jax.eval_shape(init_fn, jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
 
 
 def check_key_map(
@@ -123,7 +100,7 @@ def check_key_map(
         return [f"{e.flax_path}: transform {e.transform!r} not in {sorted(TRANSFORMS)}" for e in bad]
     problems = []
     mapped = {e.flax_path for e in key_map}
-    problems += [f"no checkpoint key maps to param {p} {shapes[p]}" for p in sorted(set(shapes) - mapped)]
+    problems += [f"no checkpoint key maps to param {path} {shapes[path]}" for path in sorted(set(shapes) - mapped)]
     keys = set(source.keys())
     for e in key_map:
         if e.flax_path not in shapes:
@@ -168,7 +145,7 @@ def load_params(
     for e in key_map:
         arr = TRANSFORMS[e.transform].to_flax(source.get(e.hf_key, np_dtype), shapes[e.flax_path])
         flat[e.flax_path] = place(e.flax_path, np.ascontiguousarray(arr))
-    return unflatten(flat)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def export_params(params: Mapping[str, Any], key_map: Sequence[KeyMapEntry]) -> Iterator[tuple[str, np.ndarray]]:
@@ -178,9 +155,9 @@ def export_params(params: Mapping[str, Any], key_map: Sequence[KeyMapEntry]) -> 
     have no HF counterpart) and key-map entries the params lack.
     """
     key_map = [KeyMapEntry(*e) for e in key_map]
-    flat = flatten(params)
+    flat = traverse_util.flatten_dict(params, sep="/")
     mapped = {e.flax_path for e in key_map}
-    problems = [f"param {p} has no checkpoint key" for p in sorted(set(flat) - mapped)]
+    problems = [f"param {path} has no checkpoint key" for path in sorted(set(flat) - mapped)]
     problems += [f"params lack {e.flax_path} (for {e.hf_key!r})" for e in key_map if e.flax_path not in flat]
     if problems:
         raise ValueError("cannot export params:\n  - " + "\n  - ".join(problems))

@@ -41,7 +41,7 @@ import numpy as np
 
 from fips_jax.hf import convert
 from fips_jax.hf.convert import KeyMapEntry
-from fips_jax.hf.vit import (ACTIVATION_TO_HF, hf_activation, linear, load_with_key_map, norm, pair,
+from fips_jax.hf.vit import (ACTIVATION_TO_HF, embedding_entries, hf_activation, linear, load_with_key_map, norm, pair,
                              unpair)
 from fips_jax.models import base
 from fips_jax.models.vit import DinoV2Architecture, ViTConfig
@@ -134,13 +134,7 @@ def key_map(cfg: ViTConfig, naming: str = "current", prefix: str = "") -> list[K
     if naming not in ATTENTION_NAMES:
         raise ValueError(f"attention naming {naming!r} not in {sorted(ATTENTION_NAMES)}")
     q, k, v, o = ATTENTION_NAMES[naming]
-    emb = f"{prefix}embeddings"
-    km = [
-        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
-        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
-        KeyMapEntry("cls_token", f"{emb}.cls_token"),
-        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
-    ]
+    km = embedding_entries(f"{prefix}embeddings")
     for i in range(cfg.num_layers):
         b, h = f"blocks_{i}", f"{prefix}encoder.layer.{i}"
         km += norm(f"{b}/norm1", f"{h}.norm1")

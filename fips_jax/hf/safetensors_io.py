@@ -1,16 +1,19 @@
-"""Lazy safetensors reading and writing with numpy, bf16 included.
+"""Lazy, validated reading and atomic writing of (sharded) safetensors checkpoints, bf16 included.
 
-Writes are atomic: one file via a temp file renamed into place, a checkpoint folder via a temp
-folder renamed into place (`save_checkpoint`).
+Tensor bytes go through the `safetensors` package: `safe_open(framework="numpy")` memory-maps a
+file and returns one tensor (bf16 as `ml_dtypes.bfloat16`, the dtype jax itself uses), and
+`safetensors.numpy.save_file` writes. A reader maps the file anew for each tensor, so the pages
+of tensors already read do not stay resident (mapped, they would count in RSS up to the
+checkpoint's size); that costs a header parse per tensor (~0.5 ms). This module adds what HF-layout checkpoints need around
+it: the sharded layout (`model.safetensors.index.json` naming a shard per tensor), atomic writes
+(one file via a temp file renamed into place, a checkpoint folder via a temp folder renamed into
+place: `save_checkpoint`), and errors that name the file and the tensor.
 
-File format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
-N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}`,
-then the raw little-endian tensor bytes (offsets relative to the end of the header).
-
-The header is parsed and checked against the file size when a reader opens, so a truncated or
-corrupt file fails before any tensor is loaded; tensor bytes are read one tensor at a time.
-bf16 goes through `ml_dtypes.bfloat16` (the dtype jax itself uses), which `safetensors.numpy`
-cannot produce.
+A file is checked when a reader opens it, so a truncated or corrupt file fails before any tensor
+is loaded. The package makes the checks (dtype, shape x dtype size = byte count, tensors tiling
+the data section exactly: no gap, overlap or trailing bytes); when it refuses a file,
+`_explain_refusal` re-reads the header to say which tensor is wrong and how. One check is this
+module's own: a tensor named twice in a header (the package keeps the last entry silently).
 """
 
 from __future__ import annotations
@@ -21,28 +24,20 @@ import shutil
 import struct
 from typing import Iterable, Iterator, Mapping
 
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy, which `safetensors.numpy` needs for BF16
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from fips_jax import checkpointing
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 1024 * 1024  # the package's own limit
+# What write_file stores (any byte order): the dtypes HF checkpoints use.
+_STORABLE = frozenset(np.dtype(t) for t in ("f8", "f4", "f2", ml_dtypes.bfloat16, "i8", "i4", "i2", "i1", "u1", "bool"))
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -53,43 +48,12 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def _check_entry(path: str, name: str, info: object) -> tuple[int, int]:
-    """(begin, end) of one header entry, after checking its dtype, shape and byte count."""
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
-    if info["dtype"] not in _DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-    shape, offsets = info["shape"], info["data_offsets"]
-    # bool is an int subclass in Python, and neither true nor 2.0 is a dimension.
-    is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
-        raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}; dims must be integers >= 0")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
-        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], integers >= 0")
-    begin, end = offsets
-    if begin > end:
-        raise ValueError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] with begin > end")
-    want = _DTYPES[info["dtype"]].itemsize
-    for d in shape:  # Python ints: no overflow however large the dims
-        want *= d
-    if end - begin != want:
-        raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, shape {shape} {info['dtype']} needs {want}")
-    return begin, end
-
-
-def _read_header(path: str) -> tuple[int, dict]:
-    """(data section start, tensor table) of one .safetensors file, validated against its size.
-
-    Every entry is checked (dtype, integer dims >= 0, byte count = shape x dtype size, offsets in
-    the data section), and the tensors must tile the data section exactly: sorted by offset, each
-    starts where the previous one ends, and the last ends at the end of the file. That is what the
-    `safetensors` package itself enforces (0.8: a gap between tensors, a gap before the first one,
-    an overlap and trailing bytes are all refused by `safe_open`), so a file this reader accepts
-    opens everywhere, and one it refuses would be refused by the reference too.
-    """
+def _read_table(path: str) -> dict:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of one file's JSON header (the
+    `__metadata__` entry dropped). Refuses a truncated or non-JSON header and a name given twice."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        raw = f.read(8)
+        raw = f.read(8)  # the header length, little-endian u64
         if len(raw) < 8:
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
         (n,) = struct.unpack("<Q", raw)
@@ -102,7 +66,42 @@ def _read_header(path: str) -> tuple[int, dict]:
     if not isinstance(table, dict):
         raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(table).__name__}, not an object)")
     table.pop("__metadata__", None)
-    data_size = size - 8 - n
+    return table
+
+
+def _check_entry(path: str, name: str, info: object) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its dtype, shape and byte count."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    # bool is an int subclass in Python, and neither true nor 2.0 is a dimension.
+    is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}; dims must be integers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], integers >= 0")
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] with begin > end")
+    want = _ITEMSIZE.get(info["dtype"])
+    if want is not None:  # other dtypes: the package's own message
+        for d in shape:  # Python ints: no overflow however large the dims
+            want *= d
+        if end - begin != want:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, shape {shape} {info['dtype']} needs {want}")
+    return begin, end
+
+
+def _explain_refusal(path: str, table: dict) -> None:
+    """Raise a ValueError naming the tensor that made the package refuse `path`, if one does.
+
+    The package says which rule broke ("invalid offset for tensor `b`", "file not fully covered")
+    but not where; this walks the same rules over the header: every entry well formed, and the
+    tensors, sorted by offset, tiling the data section exactly to the end of the file.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))  # `_read_table` checked it
+    data_size = os.path.getsize(path) - 8 - n
     spans = []
     for name, info in table.items():
         begin, end = _check_entry(path, name, info)
@@ -124,14 +123,24 @@ def _read_header(path: str) -> tuple[int, dict]:
     if pos != data_size:
         last = f"tensor {prev!r} ends" if prev is not None else "no tensor: data ends"
         raise ValueError(f"{path}: {data_size - pos} trailing bytes in the data section ({last} at byte {pos} of {data_size})")
-    return 8 + n, table
+
+
+def _checked_table(path: str) -> dict:
+    """The header table of one file that the package opens; any refusal is a ValueError naming `path`."""
+    table = _read_table(path)
+    try:
+        with safe_open(path, framework="numpy"):
+            return table
+    except SafetensorError as e:
+        _explain_refusal(path, table)
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
 
 
 class SafetensorsReader:
     """Tensors of a checkpoint folder (`model.safetensors` or a sharded index), read lazily.
 
     `path` may be a folder, a `.safetensors` file, or a `*.safetensors.index.json`.
-    All headers are validated on construction; `get` reads one tensor's bytes.
+    Every file is opened and checked on construction; `get` maps the file and reads one tensor.
     """
 
     def __init__(self, path: str):
@@ -148,13 +157,12 @@ class SafetensorsReader:
             files = self._files_from_index(path)
         else:
             files = [path]
-        self._where: dict[str, tuple[str, int, dict]] = {}
+        self._where: dict[str, tuple[str, dict]] = {}  # name -> (file, header entry)
         for file in files:
-            start, table = _read_header(file)
-            for name, info in table.items():
+            for name, info in _checked_table(file).items():
                 if name in self._where:
                     raise ValueError(f"{file}: tensor {name!r} is also in {self._where[name][0]}")
-                self._where[name] = (file, start, info)
+                self._where[name] = (file, info)
         if path.endswith(".json"):
             self._check_index(path)
 
@@ -206,55 +214,41 @@ class SafetensorsReader:
         return len(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key][2]["shape"])
+        return tuple(self._where[key][1]["shape"])
 
     def dtype_name(self, key: str) -> str:
         """The stored safetensors dtype, e.g. "BF16"."""
-        return self._where[key][2]["dtype"]
+        return self._where[key][1]["dtype"]
 
     def get(self, key: str, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
         """One tensor as a numpy array (torch layout), cast to `dtype` (None: stored dtype)."""
         if key not in self._where:
             raise KeyError(f"{key!r} not in {self.source}")
-        file, start, info = self._where[key]
-        begin, end = info["data_offsets"]
-        with open(file, "rb") as f:
-            f.seek(start + begin)
-            raw = f.read(end - begin)
-        if len(raw) != end - begin:  # the file shrank since the header was checked
-            raise ValueError(f"{file}: truncated while reading {key!r}")
-        arr = np.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-        return arr.copy() if dtype is None else arr.astype(dtype)
-
-
-def _dtype_name(arr: np.ndarray) -> str:
-    name = _NAMES.get(arr.dtype.newbyteorder("<"))
-    if name is None:
-        raise ValueError(f"dtype {arr.dtype} cannot be stored in safetensors")
-    return name
+        file = self._where[key][0]
+        try:
+            # Mapped for this one tensor: a handle held open across a load would keep every page
+            # read so far resident (page cache, but counted in RSS, up to the checkpoint's size).
+            with safe_open(file, framework="numpy") as f:
+                arr = f.get_tensor(key)  # a fresh array: the mapped bytes, copied
+        except SafetensorError as e:
+            raise ValueError(f"{file}: cannot read {key!r} ({e})") from None
+        return arr if dtype is None else arr.astype(dtype)
 
 
 def write_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write one .safetensors file atomically (a temp file, fsynced, renamed into place)."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    arrays, offset = [], 0
+    """Write one .safetensors file atomically (a temp file, fsynced, renamed into place).
+
+    Tensors are stored in the package's order (by dtype alignment, then name), not the dict's.
+    Raises ValueError for a dtype outside f64/f32/f16/bf16/i64/i32/i16/i8/u8/bool."""
+    arrays = {}
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        dtype = _dtype_name(arr)
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        arrays.append(arr)
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # tensors start 8-byte aligned, as the reference writer does
+        arr = np.ascontiguousarray(arr)  # the package writes the raw buffer: it must be dense
+        if arr.dtype.newbyteorder("=") not in _STORABLE:
+            raise ValueError(f"dtype {arr.dtype} cannot be stored in safetensors")
+        arrays[name] = arr
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    save_file(arrays, tmp, metadata=dict(metadata or {"format": "pt"}))
+    checkpointing.fsync_file(tmp)
     os.replace(tmp, path)
     checkpointing.fsync_dir(os.path.dirname(os.path.abspath(path)))
 

@@ -116,12 +116,10 @@ def build_architecture(cfg: SwinConfig, dtype: Any = jnp.float32) -> SwinArchite
 
 
 def params_from_hf(tensors: Tensors, cfg: SwinConfig, dtype: Any = jnp.float32) -> dict:
-    """Flax params from HF tensors: a `convert.TensorSource`, a dict of arrays, or a
-    `name -> array` callable. Raises one ValueError listing every missing, mis-shaped (and, but
-    for a callable, unexpected) tensor."""
+    """`hf.vit.params_from_hf` with Swin's key map."""
     return load_with_key_map(tensors, key_map(cfg), build_architecture(cfg, dtype), ignored_keys(cfg), dtype)
 
 
 def params_to_hf(params: base.Params, cfg: SwinConfig) -> dict[str, np.ndarray]:
-    """Flax params -> {HF name: array}, ready for `safetensors.numpy.save_file`."""
+    """`hf.vit.params_to_hf` with Swin's key map."""
     return dict(convert.export_params(params, key_map(cfg)))

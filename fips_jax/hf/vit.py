@@ -122,6 +122,16 @@ def norm(path: str, name: str) -> list[KeyMapEntry]:
     return [KeyMapEntry(f"{path}/scale", f"{name}.weight"), KeyMapEntry(f"{path}/bias", f"{name}.bias")]
 
 
+def embedding_entries(emb: str) -> list[KeyMapEntry]:
+    """Patch projection, CLS token and position table under the HF prefix `emb` (e.g. "vit.embeddings")."""
+    return [
+        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
+        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
+        KeyMapEntry("cls_token", f"{emb}.cls_token"),
+        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # ViT / DeiT.
 # ---------------------------------------------------------------------------------------
@@ -177,18 +187,12 @@ def config_to_hf(cfg: ViTConfig) -> dict:
 
 def key_map(cfg: ViTConfig) -> list[KeyMapEntry]:
     """(flax path, HF tensor name, transform) for every parameter of the model."""
-    p = "deit" if cfg.dist_token else "vit"
-    emb = f"{p}.embeddings"
-    km = [
-        KeyMapEntry("patch_embed/proj/kernel", f"{emb}.patch_embeddings.projection.weight", "conv"),
-        KeyMapEntry("patch_embed/proj/bias", f"{emb}.patch_embeddings.projection.bias"),
-        KeyMapEntry("cls_token", f"{emb}.cls_token"),
-        KeyMapEntry("pos_embed", f"{emb}.position_embeddings"),
-    ]
+    prefix = "deit" if cfg.dist_token else "vit"
+    km = embedding_entries(f"{prefix}.embeddings")
     if cfg.dist_token:
-        km.append(KeyMapEntry("dist_token", f"{emb}.distillation_token"))
+        km.append(KeyMapEntry("dist_token", f"{prefix}.embeddings.distillation_token"))
     for i in range(cfg.num_layers):
-        b, h = f"blocks_{i}", f"{p}.encoder.layer.{i}"
+        b, h = f"blocks_{i}", f"{prefix}.encoder.layer.{i}"
         km += norm(f"{b}/norm1", f"{h}.layernorm_before")
         for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
             km += linear(f"{b}/attn/{ours}", f"{h}.attention.attention.{theirs}", cfg.qkv_bias)
@@ -196,7 +200,7 @@ def key_map(cfg: ViTConfig) -> list[KeyMapEntry]:
         km += norm(f"{b}/norm2", f"{h}.layernorm_after")
         km += linear(f"{b}/mlp/fc1", f"{h}.intermediate.dense")
         km += linear(f"{b}/mlp/fc2", f"{h}.output.dense")
-    km += norm("norm", f"{p}.layernorm")
+    km += norm("norm", f"{prefix}.layernorm")
     if cfg.num_labels > 0:
         if cfg.dist_head:
             km += linear("head", "cls_classifier") + linear("head_dist", "distillation_classifier")

@@ -65,10 +65,10 @@ def mlp_apply(spec: MlpSpec, mlp_params: Params, x: jax.Array) -> jax.Array:
     act = ACTIVATIONS[spec.activation]
 
     def fc(name, h):
-        p = mlp_params[name]
-        y = h @ p["kernel"].astype(h.dtype)
-        if "bias" in p:
-            y = y + p["bias"].astype(h.dtype)
+        layer = mlp_params[name]
+        y = h @ layer["kernel"].astype(h.dtype)
+        if "bias" in layer:
+            y = y + layer["bias"].astype(h.dtype)
         return y
 
     if spec.gated:
@@ -102,6 +102,11 @@ class Architecture(Protocol):
     def head(self, params: Params, hidden: jax.Array, ctx: Any) -> jax.Array: ...
 
     def apply(self, params: Params, inputs: jax.Array) -> jax.Array: ...
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+    """Slash-joined jax key path, e.g. `blocks_3/mlp/up/kernel` (the form `get_path` reads)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def get_path(tree: Params, path: str) -> Any:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -468,3 +468,36 @@ def token_ids_to_hf(cfg: Any) -> dict:
         out[key] = list(v) if isinstance(v, tuple) else v
     return out
 
+
+
+def hf_config_dict(cfg: Any, model_type: str, architecture: str, activation: tuple[str, str],
+                   rope_scaling: RopeScaling | None) -> dict:
+    """The HF `config.json` dict of a decoder config dataclass whose fields carry HF's names:
+    model_type, architectures, the activation as (key, value), every field, RoPE and token ids
+    spelt as HF spells them."""
+    key, value = activation
+    return {
+        "model_type": model_type,
+        "architectures": [architecture],
+        key: value,
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        **rope_to_hf(cfg.rope_theta, rope_scaling),
+        **token_ids_to_hf(cfg),
+    }
+
+
+def checked_layer_types(name: str, layer_types: Sequence[str], num_layers: int,
+                        supported: Sequence[str]) -> tuple[str, ...]:
+    """`layer_types` as a tuple, after checking it has one entry per layer, each in `supported`."""
+    layer_types = tuple(layer_types)
+    if len(layer_types) != num_layers:
+        raise ValueError(f"{name}: {len(layer_types)} layer_types for {num_layers} layers")
+    bad = sorted(set(layer_types) - set(supported))
+    if bad:
+        raise ValueError(f"{name}: layer types {bad} not supported; supported: {list(supported)}")
+    return layer_types
+
+
+def layer_windows(layer_types: Sequence[str], window: int | None) -> tuple[int | None, ...]:
+    """Per layer: `window` for a "sliding_attention" layer, None (every key) otherwise."""
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
@@ -62,35 +62,29 @@ class GemmaConfig:
             raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
         fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
         kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(dc.hf_token_ids(hf))
+        kwargs.update(decoder_common.hf_token_ids(hf))
         return kwargs
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]):
         """From an HF `config.json` dict of this class's model_type."""
-        theta, scaling = dc.rope_from_hf(hf)
+        theta, scaling = decoder_common.rope_from_hf(hf)
         if scaling is not None:
             raise ValueError(f"{cls.model_type} rope scaling {scaling} not supported")
         return cls(**cls.hf_kwargs(hf, ("rope_theta",)), rope_theta=theta)
 
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that transformers' `hf_architecture` class loads."""
-        return {
-            "model_type": self.model_type,
-            "architectures": [self.hf_architecture],
-            self.activation_key: "gelu_pytorch_tanh",
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            **dc.rope_to_hf(self.rope_theta, None),
-            **dc.token_ids_to_hf(self),
-        }
+        return decoder_common.hf_config_dict(self, self.model_type, self.hf_architecture,
+                                             (self.activation_key, "gelu_pytorch_tanh"), None)
 
-    def decoder_spec(self) -> dc.DecoderSpec:
-        return dc.spec_from_hf_fields(self, "gelu_tanh", attn_bias=self.attention_bias, norm_unit_offset=True,
-                                      scale_embeddings=True)
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
+        return decoder_common.spec_from_hf_fields(self, "gelu_tanh", attn_bias=self.attention_bias,
+                                                  norm_unit_offset=True, scale_embeddings=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaArchitecture(dc.CausalLMArchitecture):
+class GemmaArchitecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for Gemma (v1). config: GemmaConfig; dtype: compute dtype; param_dtype: storage."""
 
     name = "gemma"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 from fips_jax.models.gemma import GemmaConfig
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -52,22 +52,17 @@ class Gemma2Config(GemmaConfig):
         if self.layer_types is None:
             types = default_layer_types(self.num_hidden_layers, self.sliding_window_pattern)
             object.__setattr__(self, "layer_types", types)
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"{name}: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        if bad:
-            raise ValueError(f"{name}: layer types {bad} not supported; supported: {list(LAYER_TYPES)}")
+        types = decoder_common.checked_layer_types(name, self.layer_types, self.num_hidden_layers, LAYER_TYPES)
+        object.__setattr__(self, "layer_types", types)
 
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that `transformers.Gemma2ForCausalLM` loads."""
         return {**super().to_hf_config(), "layer_types": list(self.layer_types)}
 
-    def decoder_spec(self) -> dc.DecoderSpec:
-        windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
         return dataclasses.replace(
             super().decoder_spec(),
-            layer_windows=windows,
+            layer_windows=decoder_common.layer_windows(self.layer_types, self.sliding_window),
             attn_scale=float(self.query_pre_attn_scalar) ** -0.5,
             post_norms=True,
             attn_softcap=self.attn_logit_softcapping,
@@ -76,7 +71,7 @@ class Gemma2Config(GemmaConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Architecture(dc.CausalLMArchitecture):
+class Gemma2Architecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for Gemma-2. config: Gemma2Config; dtype: compute dtype; param_dtype: storage."""
 
     name = "gemma2"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 from fips_jax.models.gemma2 import Gemma2Config, default_layer_types
 
 GLOBAL_ROPE_THETA = 1_000_000.0
@@ -27,7 +27,7 @@ _ROPE_FIELDS = ("rope_theta", "rope_local_base_freq", "rope_scaling")
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dc.RopeScaling | None, float]:
+def rope_from_hf(hf: dict[str, Any]) -> tuple[float, decoder_common.RopeScaling | None, float]:
     """(global theta, global scaling, local theta) from an HF Gemma-3 text config dict.
 
     Reads the per-layer-type `rope_parameters` that current transformers writes
@@ -37,14 +37,14 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dc.RopeScaling | None, floa
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full = params.get("full_attention") or {}
-        theta, scaling = dc.rope_from_hf({"rope_parameters": {"rope_theta": GLOBAL_ROPE_THETA, **full}})
-        local_theta, local_scaling = dc.rope_from_hf(
+        theta, scaling = decoder_common.rope_from_hf({"rope_parameters": {"rope_theta": GLOBAL_ROPE_THETA, **full}})
+        local_theta, local_scaling = decoder_common.rope_from_hf(
             {"rope_parameters": {"rope_theta": LOCAL_ROPE_THETA, **(params.get("sliding_attention") or {})}}
         )
         if local_scaling is not None:
             raise ValueError(f"gemma3: rope scaling on sliding-window layers not supported: {params}")
         return theta, scaling, local_theta
-    theta, scaling = dc.rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", GLOBAL_ROPE_THETA)})
+    theta, scaling = decoder_common.rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", GLOBAL_ROPE_THETA)})
     return theta, scaling, float(hf.get("rope_local_base_freq", LOCAL_ROPE_THETA))
 
 
@@ -75,7 +75,7 @@ class Gemma3Config(Gemma2Config):
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     rope_local_base_freq: float = LOCAL_ROPE_THETA
-    rope_scaling: dc.RopeScaling | None = None
+    rope_scaling: decoder_common.RopeScaling | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,7 +97,7 @@ class Gemma3Config(Gemma2Config):
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that `transformers.Gemma3ForCausalLM` loads (older releases read
         the legacy rope keys, current ones `rope_parameters`)."""
-        full = dc.rope_to_hf(self.rope_theta, self.rope_scaling)
+        full = decoder_common.rope_to_hf(self.rope_theta, self.rope_scaling)
         local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq}
         return {
             **super().to_hf_config(),
@@ -106,7 +106,7 @@ class Gemma3Config(Gemma2Config):
             "rope_parameters": {"full_attention": full["rope_parameters"], "sliding_attention": local},
         }
 
-    def decoder_spec(self) -> dc.DecoderSpec:
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
         return dataclasses.replace(
             super().decoder_spec(), rope_scaling=self.rope_scaling, qk_norm=True,
             local_rope_theta=self.rope_local_base_freq, attn_softcap=None,
@@ -114,7 +114,7 @@ class Gemma3Config(Gemma2Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Architecture(dc.CausalLMArchitecture):
+class Gemma3Architecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for the Gemma-3 text model. config: Gemma3Config; dtype: compute dtype."""
 
     name = "gemma3_text"

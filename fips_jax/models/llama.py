@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 
 # HF activation names accepted for the MLP (all the same SiLU).
 _SILU_NAMES = ("silu", "swish")
@@ -34,7 +34,7 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dc.RopeScaling | None = None
+    rope_scaling: decoder_common.RopeScaling | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -57,31 +57,24 @@ class LlamaConfig:
             raise ValueError(f"llama hidden_act {act!r} not supported; expected one of {_SILU_NAMES}")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"llama pretraining_tp={hf['pretraining_tp']} not supported (only 1)")
-        theta, scaling = dc.rope_from_hf(hf)
+        theta, scaling = decoder_common.rope_from_hf(hf)
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
         kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(dc.hf_token_ids(hf))
+        kwargs.update(decoder_common.hf_token_ids(hf))
         return cls(**kwargs, rope_theta=theta, rope_scaling=scaling)
 
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that `transformers.LlamaForCausalLM` loads."""
-        out = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_act": "silu",
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            **dc.rope_to_hf(self.rope_theta, self.rope_scaling),
-            **dc.token_ids_to_hf(self),
-        }
-        return out
+        return decoder_common.hf_config_dict(self, "llama", "LlamaForCausalLM", ("hidden_act", "silu"),
+                                             self.rope_scaling)
 
-    def decoder_spec(self) -> dc.DecoderSpec:
-        return dc.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling, attn_bias=self.attention_bias,
-                                      mlp_bias=self.mlp_bias)
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
+        return decoder_common.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling,
+                                                  attn_bias=self.attention_bias, mlp_bias=self.mlp_bias)
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaArchitecture(dc.CausalLMArchitecture):
+class LlamaArchitecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for Llama. config: LlamaConfig; dtype: compute dtype; param_dtype: storage."""
 
     name = "llama"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 
 _SILU_NAMES = ("silu", "swish")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -51,7 +51,7 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dc.RopeScaling | None = None
+    rope_scaling: decoder_common.RopeScaling | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     tie_word_embeddings: bool = False
@@ -67,12 +67,8 @@ class Qwen2Config:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.layer_types is None:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"{name}: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        if bad:
-            raise ValueError(f"{name}: layer types {bad} not supported; supported: {list(LAYER_TYPES)}")
+        types = decoder_common.checked_layer_types(name, self.layer_types, self.num_hidden_layers, LAYER_TYPES)
+        object.__setattr__(self, "layer_types", types)
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError(f"{name}: sliding_attention layers need a sliding_window (got {self.sliding_window})")
 
@@ -83,38 +79,34 @@ class Qwen2Config:
         act = hf.get("hidden_act", "silu")
         if act not in _SILU_NAMES:
             raise ValueError(f"{name} hidden_act {act!r} not supported; expected one of {_SILU_NAMES}")
-        theta, scaling = dc.rope_from_hf(hf)
+        theta, scaling = decoder_common.rope_from_hf(hf)
         layers = hf.get("num_hidden_layers", cls.num_hidden_layers)
         window, types = layer_types_from_hf(hf, layers)
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling", "sliding_window",
                                                                "layer_types"}
         kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(dc.hf_token_ids(hf))
+        kwargs.update(decoder_common.hf_token_ids(hf))
         return cls(**kwargs, rope_theta=theta, rope_scaling=scaling, sliding_window=window, layer_types=types)
 
     def to_hf_config(self) -> dict[str, Any]:
         """HF `config.json` dict that transformers' `*ForCausalLM` of this family loads."""
         sliding = [i for i, t in enumerate(self.layer_types) if t == "sliding_attention"]
         return {
-            "model_type": self.MODEL_TYPE,
-            "architectures": [self.HF_ARCHITECTURE],
-            "hidden_act": "silu",
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            **decoder_common.hf_config_dict(self, self.MODEL_TYPE, self.HF_ARCHITECTURE, ("hidden_act", "silu"),
+                                            self.rope_scaling),
             "layer_types": list(self.layer_types),
             "use_sliding_window": self.sliding_window is not None,
             "max_window_layers": sliding[0] if sliding else self.num_hidden_layers,
-            **dc.rope_to_hf(self.rope_theta, self.rope_scaling),
-            **dc.token_ids_to_hf(self),
         }
 
-    def decoder_spec(self) -> dc.DecoderSpec:
-        windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
-        return dc.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling, layer_windows=windows,
-                                      qkv_bias=True)
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
+        windows = decoder_common.layer_windows(self.layer_types, self.sliding_window)
+        return decoder_common.spec_from_hf_fields(self, "silu", rope_scaling=self.rope_scaling, layer_windows=windows,
+                                                  qkv_bias=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2Architecture(dc.CausalLMArchitecture):
+class Qwen2Architecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for Qwen2/2.5. config: Qwen2Config; dtype: compute; param_dtype: storage."""
 
     name = "qwen2"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from fips_jax.models import decoder_common as dc
+from fips_jax.models import decoder_common
 from fips_jax.models.qwen2 import Qwen2Config
 
 
@@ -22,13 +22,13 @@ class Qwen3Config(Qwen2Config):
     head_dim: int | None = 128
     attention_bias: bool = False
 
-    def decoder_spec(self) -> dc.DecoderSpec:
+    def decoder_spec(self) -> decoder_common.DecoderSpec:
         return dataclasses.replace(super().decoder_spec(), qkv_bias=False, attn_bias=self.attention_bias,
                                    qk_norm=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3Architecture(dc.CausalLMArchitecture):
+class Qwen3Architecture(decoder_common.CausalLMArchitecture):
     """`base.Architecture` for Qwen3. config: Qwen3Config; dtype: compute; param_dtype: storage."""
 
     name = "qwen3"

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax.models import base
-from fips_jax.models.vit import Attention, Mlp, dense, layer_norm, mlp_spec_for, patch_conv
+from fips_jax.models.vit import Attention, ImageArchitecture, Mlp, PatchEmbed, dense, layer_norm, patch_conv
 
 # HF builds the patch-embedding and patch-merging LayerNorms with PyTorch's default eps, not
 # config.layer_norm_eps (which only the blocks and the final norm use).
@@ -245,13 +245,9 @@ class PatchMerging(nn.Module):
         return dense(2 * c, (None, "embed"), use_bias=False, name="reduction", **prec)(x)
 
 
-class SwinPatchEmbed(nn.Module):
-    """images [B, H, W, C] -> [B, ceil(H/ph), ceil(W/pw), d] (zero-pads bottom/right), then LayerNorm."""
-
-    features: int
-    patch: tuple[int, int]
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+class SwinPatchEmbed(PatchEmbed):
+    """images [B, H, W, C] -> [B, ceil(H/ph), ceil(W/pw), d] (zero-pads bottom/right), then LayerNorm.
+    PatchEmbed's fields; the token grid is kept 2-D for the windows."""
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -319,50 +315,14 @@ class Swin(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SwinArchitecture:
-    """`base.Architecture` for Swin. ctx is None; hidden is [B, h, w, C] (see module docstring)."""
+class SwinArchitecture(ImageArchitecture):
+    """Swin. hidden is [B, h, w, C] (see module docstring)."""
 
     name = "swin"
-    is_causal_lm = False
+    module_cls = Swin
 
     config: SwinConfig
-    dtype: Any = jnp.float32  # compute dtype
-    param_dtype: Any = jnp.float32
-
-    @property
-    def mlp_spec(self) -> base.MlpSpec:
-        return mlp_spec_for(self.config.activation)
 
     @property
     def num_blocks(self) -> int:
         return self.config.num_blocks
-
-    def module(self) -> Swin:
-        return Swin(self.config, self.dtype, self.param_dtype)
-
-    def _dummy(self) -> jax.Array:
-        cfg = self.config
-        return jnp.zeros((1, *cfg.image_size, cfg.num_channels), jnp.float32)
-
-    def init(self, rng: jax.Array) -> base.Params:
-        return nn.meta.unbox(self.module().init(rng, self._dummy())["params"])
-
-    def logical_axes(self) -> Any:
-        """Tree shaped like `init`'s, holding a PartitionSpec of logical axis names per param."""
-        boxed = jax.eval_shape(lambda r: self.module().init(r, self._dummy()), jax.random.key(0))
-        return nn.get_partition_spec(boxed)["params"]
-
-    def mlp_path(self, block: int) -> str:
-        return f"blocks_{block}/mlp"
-
-    def embed(self, params: base.Params, images: jax.Array) -> tuple[jax.Array, None]:
-        return self.module().apply({"params": params}, images, method=Swin.embed), None
-
-    def block(self, params: base.Params, i: int, hidden: jax.Array, ctx: Any = None) -> tuple[jax.Array, jax.Array]:
-        return self.module().apply({"params": params}, i, hidden, method=Swin.block)
-
-    def head(self, params: base.Params, hidden: jax.Array, ctx: Any = None) -> jax.Array:
-        return self.module().apply({"params": params}, hidden, method=Swin.classify)
-
-    def apply(self, params: base.Params, images: jax.Array) -> jax.Array:
-        return self.module().apply({"params": params}, images)

@@ -32,7 +32,7 @@ softmax and LayerNorm statistics run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -301,13 +301,18 @@ def mlp_spec_for(activation: str) -> base.MlpSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTArchitecture:
-    """`base.Architecture` for ViT/DeiT. ctx is None; hidden is [B, T, d] with T = config.seq_len."""
+class ImageArchitecture:
+    """`base.Architecture` for a linen image model (ViT, Swin) whose module has `embed(images)`,
+    `block(i, x) -> (out, mlp_in)` and `classify(x)`. ctx is None; images are `[B, H, W, C]`.
 
-    name = "vit"  # DeiT too: same blocks, the config says which tokens and heads
+    A subclass names its module class (`module_cls`, built as `module_cls(config, dtype,
+    param_dtype)`) and its block count; the config gives `image_size`, `num_channels`, `activation`.
+    """
+
     is_causal_lm = False
+    module_cls: ClassVar[type[nn.Module]]
 
-    config: ViTConfig
+    config: Any
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -315,12 +320,8 @@ class ViTArchitecture:
     def mlp_spec(self) -> base.MlpSpec:
         return mlp_spec_for(self.config.activation)
 
-    @property
-    def num_blocks(self) -> int:
-        return self.config.num_layers
-
-    def module(self) -> ViT:
-        return ViT(self.config, self.dtype, self.param_dtype)
+    def module(self) -> nn.Module:
+        return self.module_cls(self.config, self.dtype, self.param_dtype)
 
     def _dummy(self) -> jax.Array:
         cfg = self.config
@@ -338,16 +339,30 @@ class ViTArchitecture:
         return f"blocks_{block}/mlp"
 
     def embed(self, params: base.Params, images: jax.Array) -> tuple[jax.Array, None]:
-        return self.module().apply({"params": params}, images, method=ViT.embed), None
+        return self.module().apply({"params": params}, images, method="embed"), None
 
     def block(self, params: base.Params, i: int, hidden: jax.Array, ctx: Any = None) -> tuple[jax.Array, jax.Array]:
-        return self.module().apply({"params": params}, i, hidden, method=ViT.block)
+        return self.module().apply({"params": params}, i, hidden, method="block")
 
     def head(self, params: base.Params, hidden: jax.Array, ctx: Any = None) -> jax.Array:
-        return self.module().apply({"params": params}, hidden, method=ViT.classify)
+        return self.module().apply({"params": params}, hidden, method="classify")
 
     def apply(self, params: base.Params, images: jax.Array) -> jax.Array:
         return self.module().apply({"params": params}, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTArchitecture(ImageArchitecture):
+    """ViT/DeiT. hidden is [B, T, d] with T = config.seq_len."""
+
+    name = "vit"  # DeiT too: same blocks, the config says which tokens and heads
+    module_cls = ViT
+
+    config: ViTConfig
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fips_jax.models import base
+
 # FiPS makes only the V factors sparse: a path component `v` or one starting with `v_`.
 DEFAULT_FILTER = r"(^|/)v(/|$|_)"
 SCOPES = ("global", "per_tensor")
@@ -40,23 +42,9 @@ _ABS_BITS, _INF_BITS = 0x7FFFFFFF, 0x7F800000
 PyTree = Any
 
 
-def path_str(path: Sequence[Any]) -> str:
-    """Slash-joined key path, e.g. `params/group_0/v_fc1`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-    """[(slash-joined path, leaf)] in `jax.tree.leaves` order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(path), leaf) for path, leaf in flat]
+    """[(slash-joined path, e.g. `params/group_0/v_fc1`, leaf)] in `jax.tree.leaves` order."""
+    return [(base.path_str(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def select_sparse(params: PyTree, filter_regex: str) -> list[bool]:

@@ -138,6 +138,13 @@ class PolynomialSchedule:
         return jnp.where(t < self.t0, jnp.float32(self.s_pre), ramp).astype(jnp.float32)
 
 
+def ramp_over_run(final_sparsity: float, num_steps: int, update_freq: int, **options) -> PolynomialSchedule:
+    """A `PolynomialSchedule` that reaches `final_sparsity` on the last mask update of a run of
+    `num_steps` steps (`last_update_before`); `options`: its other fields."""
+    return PolynomialSchedule(final_sparsity=final_sparsity, end_step=last_update_before(num_steps, update_freq),
+                              update_freq=update_freq, **options)
+
+
 @dataclasses.dataclass(frozen=True)
 class CosineDecay:
     """`value * (1 + cos(pi * min(step, end_step) / end_step)) / 2`: RigL's drop fraction.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from fips_jax.sparsity import masks as mk
-from fips_jax.sparsity.schedules import CosineDecay, PolynomialSchedule, last_update_before
+from fips_jax.sparsity.schedules import CosineDecay, PolynomialSchedule, ramp_over_run
 
 PyTree = Any
 
@@ -207,7 +207,8 @@ class SparsityUpdater:
     def wrap_optax(
         self, inner: optax.GradientTransformation
     ) -> optax.GradientTransformationExtraArgs:
-        """`inner` with masked gradients/updates and mask updates; its state is a SparseState."""
+        """`inner` with masked gradients/updates and mask updates; its state is a SparseState.
+        (Long because it holds optax's init/update pair as closures over this updater.)"""
         inner = optax.with_extra_args_support(inner)
 
         def init_fn(params):
@@ -309,14 +310,8 @@ class GMP(SparsityUpdater):
 
     @property
     def schedule(self) -> PolynomialSchedule:
-        return PolynomialSchedule(
-            final_sparsity=self.sparsity,
-            end_step=last_update_before(self.t_end, self.update_freq),
-            init_sparsity=self.init_sparsity,
-            begin_step=self.begin_step,
-            update_freq=self.update_freq,
-            reference_parity=self.reference_parity,
-        )
+        return ramp_over_run(self.sparsity, self.t_end, self.update_freq, init_sparsity=self.init_sparsity,
+                             begin_step=self.begin_step, reference_parity=self.reference_parity)
 
     def __post_init__(self):
         super().__post_init__()
@@ -428,11 +423,7 @@ class NM(SparsityUpdater):
 
     @property
     def schedule(self) -> PolynomialSchedule:
-        return PolynomialSchedule(
-            final_sparsity=self.sparsity,
-            end_step=last_update_before(self.t_end, self.update_freq),
-            update_freq=self.update_freq,
-        )
+        return ramp_over_run(self.sparsity, self.t_end, self.update_freq)
 
     def tile_keep(self, sparsity: Any) -> Any:
         """Entries kept per tile at `sparsity` (Python float or traced scalar)."""
