@@ -48,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.fips.round_to = 0           # round ranks down to a multiple (64 for N:M kernels); 0 = off
     c.fips.tau = 32.0             # hybrid growth divisor for ranks above d
     c.fips.init = "svd"           # svd | gram (W W^T from column-sharded W: 8-9B groups on many devices)
+    #                               | whitened (activation-aware basis, V optimal given it; needs statistics)
+    c.fips.whiten_steps = 0       # whitened: alternating U/V refinement steps (CG on U's normal equations)
+    c.fips.prune = "magnitude"    # magnitude (the local schedule prunes V) | obs (second-order, to the target at init)
+    c.fips.obs_damp = 0.01        # obs: Hessian damping, a fraction of its mean diagonal
+    c.fips.obs_block = 32         # obs: columns pruned per lazy-update block (smaller: closer to exact OBS)
     c.fips.mode = "joint"         # joint (vmapped group update) | sequential (authors' one MLP at a time)
     c.fips.reference_parity = False  # reproduce the authors' p=4d rank and GMP schedule
 

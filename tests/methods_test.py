@@ -155,3 +155,34 @@ def test_peers_that_need_statistics_say_so():
     params, layout, _, _, _ = _group(8, 12, 2)
     with pytest.raises(ValueError, match="needs calibration statistics"):
         svd_llm.init(_problem(params, layout, None))
+
+
+def test_a_run_with_every_method_reports_each_at_the_same_budget_and_fips_activation_aware(tmp_path):
+    """The pipeline treats peers like FiPS: each is compressed, refined with the same local budget,
+    evaluated, counted and reported; FiPS here uses the whitened basis and OBS-pruned V."""
+    import os  # pylint: disable=import-outside-toplevel
+    from fips_jax import config_base, pipeline, report  # pylint: disable=import-outside-toplevel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_base.load_config(os.path.join(root, "configs", "tiny_llama.py"), {
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "fips.group_size": 4,
+        "fips.init": "whitened", "fips.prune": "obs", "local.algorithm": "static", "local.epochs": 4.0,
+        "compare.methods": "per_layer_svd,svd_llm,basis_sharing", "compare.train": True})
+    m = pipeline.run(cfg, str(tmp_path), log=lambda s: None)
+    peers = ["per_layer_svd", "svd_llm", "basis_sharing"]
+    assert list(m["evals"]) == ["dense", *peers, *[f"{p}_trained" for p in peers], "fips_init", "fips_final"]
+    err = {k[len("heldout_rel_error_"):]: float(np.mean(v)) for k, v in m["per_block"].items()
+           if k.startswith("heldout_rel_error_")}
+    for p in peers:  # the same local optimisation improves every peer's closed form
+        assert err[f"{p}_trained"] < err[p], (p, err)
+    assert err["svd_llm"] < err["per_layer_svd"], err  # activation-aware beats plain on its own objective
+    # OBS pruned V to the target at init and the static mask kept it through training.
+    v = np.asarray(stages.load_arrays(str(tmp_path / "groups" / "g00" / "final.npz"))["v"])
+    assert np.mean(v == 0) == pytest.approx(0.75, abs=0.01)
+    v0 = np.asarray(stages.load_arrays(str(tmp_path / "groups" / "g00" / "init.npz"))["v"])
+    np.testing.assert_array_equal(v0 == 0, v == 0)
+    kept = {k: b["kept_mlp"] for k, b in m["budget"].items()}
+    for k in kept:  # the floors of toy shapes (d 64) cost a few percent, never more than 10
+        assert kept[k] <= 0.5 * m["budget"]["fips"]["dense_mlp"] and kept[k] > 0.9 * kept["fips"], (k, kept)
+    table = report.table(m)
+    for label in ("SVD-LLM", "Basis Sharing + local training", "FiPS final"):
+        assert label in table

@@ -1,18 +1,28 @@
 """FiPS (SPEC §1-§5): one dense basis U shared by every FC of a group's blocks, sparse per-FC
-factors V. `init` is the closed-form start (`fips.init`); the pipeline then prunes V to its
-sparsity and refines U and V by local error minimisation (`local_config`)."""
+factors V. `init` is the closed-form start: the shared basis (`fips.init`: the paper's SVD of the
+group matrix, or its activation-aware form `whitened`), then optionally V pruned to its target
+sparsity with second-order error compensation (`fips.prune=obs`); the pipeline refines U and V
+by local error minimisation (`local_config`)."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from fips_jax import factors, grouping, local_opt, sharding, sparsity, svd_init
+from fips_jax import factors, grouping, local_opt, obs, sharding, sparsity, svd_init, whitening
 from fips_jax.methods import Problem
 
 NAME = "fips"
 LABEL = "FiPS"
-NEEDS_STATS = False
-INITS = ("svd", "gram")
+NEEDS_STATS = False  # as a peer; as the main method see `needs_stats`
+INITS = ("svd", "gram", "whitened")
+PRUNES = ("magnitude", "obs")
+
+
+def needs_stats(cfg: dict) -> bool:
+    """Whether this run's FiPS settings read the group's calibration statistics."""
+    return cfg["fips"]["init"] == "whitened" or cfg["fips"]["prune"] == "obs"
 
 
 def local_config(cfg: dict, steps: int) -> local_opt.LocalOptConfig:
@@ -30,10 +40,52 @@ def local_config(cfg: dict, steps: int) -> local_opt.LocalOptConfig:
 
 
 def init(problem: Problem) -> list:
-    """The group's SVD-initialised params (SPEC §3) as one part."""
-    fc = problem.cfg["fips"]
-    return [(problem.layout, group_init(problem.spec, problem.layout, problem.rank, problem.dense_params, fc["tau"],
-                                        fc["init"], problem.mesh, problem.rules))]
+    """The group's initial params as one part: the shared basis and V (`fips.init`), V pruned to
+    the target sparsity when `fips.prune=obs` (otherwise the local optimisation's schedule
+    prunes it by magnitude)."""
+    fc, layout = problem.cfg["fips"], problem.layout
+    if fc["init"] == "whitened":
+        params = whitened_init(problem)
+    else:
+        params = group_init(problem.spec, layout, problem.rank, problem.dense_params, fc["tau"], fc["init"],
+                            problem.mesh, problem.rules)
+    if fc["prune"] == "obs":
+        params = obs_pruned(problem, params)
+    elif fc["prune"] != "magnitude":
+        raise ValueError(f"fips.prune {fc['prune']!r} not in {PRUNES}")
+    return [(layout, params)]
+
+
+def _stats(problem: Problem, what: str):
+    if problem.stats is None:
+        raise ValueError(f"{what} needs calibration statistics (problem.stats is None)")
+    return problem.stats
+
+
+def whitened_init(problem: Problem) -> dict:
+    """`whitening.whitened_group_init`: the shared basis of the activation-weighted problem, every
+    V exactly optimal given it (float64 on the host; one [d, d] eigenproblem per candidate)."""
+    layout, fc = problem.layout, problem.cfg["fips"]
+    stats = _stats(problem, "fips.init=whitened")
+    w = np.asarray(grouping.concat_group(problem.dense_params, layout), np.float64)
+    ws = w.reshape(layout.d, layout.n_blocks, layout.n_fcs, layout.p).transpose(1, 2, 0, 3)
+    fac = whitening.whitened_group_init(ws, stats.inputs, stats.hidden, layout.transposed, problem.rank,
+                                        tau=fc["tau"], damp=problem.cfg["compare"]["damp"], steps=fc["whiten_steps"])
+    return factors.init_group_params(fac, problem.dense_params, layout, problem.spec)
+
+
+def obs_pruned(problem: Problem, params: dict) -> dict:
+    """V pruned to `fips.sparsity` in every FC by `obs.obs_prune_group` (SparseGPT-style, the
+    block's input Hessian), U unchanged. The local optimisation then starts at the target
+    sparsity; `local.algorithm=static` keeps this mask, gmp/rigl move it."""
+    cfg = problem.cfg
+    stats = _stats(problem, "fips.prune=obs")
+    if cfg["local"]["algorithm"] == "nm":
+        raise ValueError("fips.prune=obs prunes unstructured; local.algorithm=nm needs fips.prune=magnitude")
+    v, _ = obs.obs_prune_group(np.asarray(params["u"]), np.asarray(params["v"]), stats.inputs, stats.hidden,
+                               problem.layout.transposed, cfg["fips"]["sparsity"], damp=cfg["fips"]["obs_damp"],
+                               block_size=cfg["fips"]["obs_block"])
+    return {**params, "v": jnp.asarray(v, jnp.float32)}
 
 
 def group_init(spec, layout: grouping.GroupLayout, rank: int, dense_params, tau: float = 32.0, method: str = "svd",

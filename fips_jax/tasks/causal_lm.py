@@ -170,14 +170,14 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
     return p1, losses
 
 
-def _train_parts(run, grp: _Group, parts: list, parts_loss) -> list:
+def _train_parts(run, grp: _Group, name: str, parts: list, parts_loss) -> list:
     """A peer's factors refined with FiPS's local optimisation budget: same loss, steps, data and
     optimiser, dense factors (`compare.train`)."""
     lcfg = dataclasses.replace(fips.local_config(run.cfg, grp.steps), algorithm="dense", sparsity=0.0)
     layouts = tuple(layout for layout, _ in parts)
     trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (grp.x, grp.y), lcfg,
-                                 run.path(grp.dir, "peer_loop"), checkpoint_every=run.cfg["checkpoint_every"],
-                                 log=run.log, name=f"group {grp.g} peer", on_step=run.on_step)
+                                 run.path(grp.dir, f"{name}_loop"), checkpoint_every=run.cfg["checkpoint_every"],
+                                 log=run.log, name=f"group {grp.g} {name}", on_step=run.on_step)
     return list(zip(layouts, trained))
 
 
@@ -208,7 +208,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             continue
         t0 = time.perf_counter()
         grp = _Group(run, arch, params, layout, rank, g, calib_stream.advance(layout.blocks),
-                     hold_stream.advance(layout.blocks), any(m.NEEDS_STATS for m in peers))
+                     hold_stream.advance(layout.blocks), fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers))
         p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.problem)[0][1], "arrays", quiet=True)
         p1, losses = _train_fips(run, grp, p0, fips_loss)
         errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
@@ -216,8 +216,8 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             parts = run.stage(f"{gdir}/{m.NAME}", lambda m=m: m.init(grp.problem), "parts", quiet=True)
             errors[m.NAME] = grp.heldout(parts)
             if train_peers:
-                parts = run.stage(f"{gdir}/{m.NAME}_trained", lambda p=parts: _train_parts(run, grp, p, parts_loss),
-                                  "parts", quiet=True)
+                parts = run.stage(f"{gdir}/{m.NAME}_trained",
+                                  lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
                 errors[f"{m.NAME}_trained"] = grp.heldout(parts)
         stats = {"blocks": list(layout.blocks), "rank": rank, "steps": grp.steps,
                  "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

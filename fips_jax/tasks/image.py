@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fips_jax import calibration, data, factors, local_opt, sharding
+from fips_jax.data import images as image_data
 from fips_jax.evaluators import classification, features
 from fips_jax.methods import Problem
 from fips_jax.methods import fips
@@ -49,28 +50,57 @@ def images(src: dict, arch, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
 class Data:
     calib: np.ndarray
     calib_labels: np.ndarray | None
-    eval_images: np.ndarray
-    eval_labels: np.ndarray | None
+    eval_batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray | None]]]  # batch size -> stream
+    n_eval: int
+    labelled: bool
     holdout: np.ndarray
+
+
+def eval_stream(src: dict, arch, seed: int) -> tuple[Callable, int, bool]:
+    """The evaluation images as a stream of (images [b, h, w, c] float32, labels [b] or None),
+    decoded a batch at a time: a 50k-image validation split is never held as float32. Returns
+    (batch size -> iterator, number of images, labelled)."""
+    kind = src["source"]
+    if kind == "imagenet_folder":
+        if not os.path.isdir(src["path"]):
+            raise FileNotFoundError(f"ImageNet folder not found: {src['path']!r} (expected {src['path']}/"
+                                    f"{src['split']}/<wnid>/*.JPEG)")
+        paths, labels = image_data.stratified_sample(src["path"], src["split"], src["per_class"],
+                                                     src["n_classes"] or None, seed)
+        return (lambda bs: image_data.image_batches(paths, labels, bs, interpolation=src["interpolation"]),
+                len(paths), True)
+    if kind == "fashion_mnist":  # unlabelled here: the backbones it serves output features
+        n = len(image_data.fashion_mnist(src["split"], n=src["n_images"], path=src["path"] or None)[0])
+        return (lambda bs: ((x, None) for x, _ in image_data.fashion_mnist_batches(
+            src["split"], n=src["n_images"], path=src["path"] or None, size=arch.config.image_size, batch_size=bs)),
+                n, False)
+    imgs, labels = images(src, arch, seed)
+    return (lambda bs: ((imgs[s:s + bs], None if labels is None else labels[s:s + bs])
+                        for s in range(0, imgs.shape[0], bs)), imgs.shape[0], labels is not None)
 
 
 def load_data(run, arch, tokenizer) -> Data:
     del tokenizer
-    cfg, dc = run.cfg, run.cfg["data"]
+    cfg, data_cfg = run.cfg, run.cfg["data"]
     if cfg["local"].get("compute_dtype", "float32") != "float32":
         raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
                          "calibration runs in float32")
-    calib, calib_labels = images(dc["calib"], arch, cfg["seed"])
-    eval_images, eval_labels = images(dc["eval"], arch, cfg["seed"] + 1)
-    run.log(f"calibration: {calib.shape[0]} images; evaluation: {eval_images.shape[0]} images")
-    return Data(calib, calib_labels, eval_images, eval_labels, eval_images[: dc["holdout_images"]])
+    calib, calib_labels = images(data_cfg["calib"], arch, cfg["seed"])
+    batches, n_eval, labelled = eval_stream(data_cfg["eval"], arch, cfg["seed"] + 1)
+    held, want = [], data_cfg["holdout_images"]
+    for x, _ in batches(max(min(want, 256), 1)):
+        held.append(x)
+        if sum(h.shape[0] for h in held) >= want:
+            break
+    run.log(f"calibration: {calib.shape[0]} images; evaluation: {n_eval} images")
+    return Data(calib, calib_labels, batches, n_eval, labelled, np.concatenate(held)[:want])
 
 
 def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     cfg, log = run.cfg, run.log
-    if any(m.NEEDS_STATS for m in peers):
-        raise ValueError(f"compare.methods {[m.NAME for m in peers if m.NEEDS_STATS]} need MLP activation "
-                         "statistics, which the ViT task does not collect yet")
+    if fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers):
+        raise ValueError("fips.init=whitened, fips.prune=obs and the peers svd_llm/basis_sharing need MLP "
+                         "activation statistics, which the ViT task does not collect yet")
     if cfg["compare"]["train"] and peers:
         raise ValueError("compare.train (refining peers) is implemented for LLMs only")
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
@@ -121,34 +151,42 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     return Calibrated(variants=variants, final=dict(p1), layouts=layouts, heldout=heldout, blocks=all_blocks,
                       finetune_inputs=dat.calib, finetune_labels=dat.calib_labels,
                       metrics={"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                               "data": {"calib_images": int(dat.calib.shape[0]),
-                                        "eval_images": int(dat.eval_images.shape[0])}})
+                               "data": {"calib_images": int(dat.calib.shape[0]), "eval_images": dat.n_eval}})
 
 
 def evaluate(run, arch, params, dat: Data, variants: dict) -> tuple[dict, dict]:
-    """Top-1/5 (with labels) and agreement with the dense model's predictions for every variant;
-    for backbones a linear probe and the CLS cosine (`eval.probe`)."""
+    """Top-1/5 (with labels), agreement with the dense model's predictions and the logits'
+    relative error for every variant, in one streamed pass over the evaluation images (each
+    batch decoded once, scored by every model); for backbones a linear probe and the CLS cosine
+    (`eval.probe`)."""
     apply = jax.jit(arch.apply)
     bs = run.cfg["eval"]["batch_size"]
-
-    def logits_of(model):
-        return np.concatenate([np.asarray(apply(model, jnp.asarray(dat.eval_images[s:s + bs])))
-                               for s in range(0, dat.eval_images.shape[0], bs)])
-
     models = {k: params if parts is None else factors.assemble(params, parts()) for k, parts in variants.items()}
-    dense_logits = logits_of(params)
+    sums = {k: {"n": 0, "top1": 0, "top5": 0, "agree": 0, "err": 0.0} for k in models}
+    dense_sq = 0.0
+    for x, labels in dat.eval_batches(bs):
+        dense = np.asarray(apply(params, jnp.asarray(x)))
+        dense_sq += float(np.sum(np.square(dense, dtype=np.float64)))
+        for k, model in models.items():
+            logits = dense if k == "dense" else np.asarray(apply(model, jnp.asarray(x)))
+            acc = sums[k]
+            acc["n"] += logits.shape[0]
+            if labels is not None:
+                correct = np.asarray(classification.topk_correct(jnp.asarray(logits), jnp.asarray(labels), ks=(1, 5)))
+                acc["top1"] += int(correct[0].sum())
+                acc["top5"] += int(correct[1].sum())
+            acc["agree"] += int(np.sum(logits.argmax(-1) == dense.argmax(-1)))
+            acc["err"] += float(np.sum(np.square(logits - dense, dtype=np.float64)))
     evals = {}
-    for k, model in models.items():
-        logits = dense_logits if k == "dense" else logits_of(model)
-        ev = {"n_examples": int(logits.shape[0])}
-        if dat.eval_labels is not None:
-            correct = classification.topk_correct(jnp.asarray(logits), jnp.asarray(dat.eval_labels), ks=(1, 5))
-            ev.update(top1=float(np.mean(correct[0])), top5=float(np.mean(correct[1])))
+    for k, acc in sums.items():
+        ev = {"n_examples": acc["n"]}
+        if dat.labelled:
+            ev.update(top1=acc["top1"] / acc["n"], top5=acc["top5"] / acc["n"])
         if k != "dense":
-            ev["agreement_with_dense"] = float(np.mean(logits.argmax(-1) == dense_logits.argmax(-1)))
-            ev["logits_rel_error"] = relative_error(jnp.asarray(logits), jnp.asarray(dense_logits))
+            ev["agreement_with_dense"] = acc["agree"] / acc["n"]
+            ev["logits_rel_error"] = acc["err"] / max(dense_sq, 1e-30)
         evals[k] = ev
-    extra = {"task": NAME, "metric": "top1" if dat.eval_labels is not None else "agreement_with_dense"}
+    extra = {"task": NAME, "metric": "top1" if dat.labelled else "agreement_with_dense"}
     probe_cfg = run.cfg["eval"]["probe"]
     if probe_cfg["source"]:  # linear probe + CLS cosine of every model's features (backbones)
         extra["probe"] = run.stage("stages/eval_probe", lambda: features.probe_models(arch, models, probe_cfg,
