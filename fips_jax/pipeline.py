@@ -50,22 +50,24 @@ def check_config(cfg: dict) -> None:
 
 def plan_groups(cfg: dict, arch: base.Architecture, params) -> list[tuple[grouping.GroupLayout, int]]:
     """Groups with their layouts and ranks (SPEC §2), validated before any compute."""
-    fc = cfg["fips"]
+    fips_cfg = cfg["fips"]
     groups = grouping.make_groups(
-        arch.num_blocks, groups=fc["groups"] or None, group_size=None if fc["groups"] else fc["group_size"])
-    v_sparsity = 0.0 if cfg["local"]["algorithm"] == "dense" else fc["sparsity"]
+        arch.num_blocks, groups=fips_cfg["groups"] or None,
+        group_size=None if fips_cfg["groups"] else fips_cfg["group_size"])
+    v_sparsity = 0.0 if cfg["local"]["algorithm"] == "dense" else fips_cfg["sparsity"]
     out = []
     for g, blocks in enumerate(groups):
         layout = grouping.group_layout(params, arch.mlp_spec, arch.mlp_path, blocks, group=g)
-        r = budget.rank_for_budget(layout.d, layout.p, layout.n_blocks, layout.n_fcs, fc["budget"], v_sparsity,
-                                   round_to=fc["round_to"] or None, reference_parity=fc["reference_parity"],
-                                   group=f"group {g} (blocks {blocks[0]}-{blocks[-1]})")
+        rank = budget.rank_for_budget(
+            layout.d, layout.p, layout.n_blocks, layout.n_fcs, fips_cfg["budget"], v_sparsity,
+            round_to=fips_cfg["round_to"] or None, reference_parity=fips_cfg["reference_parity"],
+            group=f"group {g} (blocks {blocks[0]}-{blocks[-1]})")
         m = cfg["local"]["m"]
-        if cfg["local"]["algorithm"] == "nm" and r % m:
+        if cfg["local"]["algorithm"] == "nm" and rank % m:
             raise ValueError(
-                f"group {g} (blocks {blocks[0]}-{blocks[-1]}): rank {r} is not a multiple of local.m={m}, and N:M "
+                f"group {g} (blocks {blocks[0]}-{blocks[-1]}): rank {rank} is not a multiple of local.m={m}, and N:M "
                 f"tiles run along the rank; set fips.round_to to a multiple of {m} (64 for sparse kernels)")
-        out.append((layout, r))
+        out.append((layout, rank))
     return out
 
 
@@ -76,16 +78,16 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
         raise ValueError(f"workdir {workdir} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_config(workdir, cfg, ignore=RESUME_SAFE_KEYS, write=sharding.is_writer())
-    r = stages.Run(cfg, workdir, log, on_step)
+    state = stages.Run(cfg, workdir, log, on_step)
     t_start = time.perf_counter()
 
     # Load and plan.
     # One device: nothing to place (placing a loaded tree would briefly hold it twice).
-    place_for = (lambda a: sharding.place_fn(r.mesh, r.rules, a.logical_axes())) if r.mesh.size > 1 else None
+    place_for = (lambda a: sharding.place_fn(state.mesh, state.rules, a.logical_axes())) if state.mesh.size > 1 else None
     arch, params, tokenizer = registry.load_model(cfg["model"], seed=cfg["seed"], place_for=place_for)
     log(f"model: {arch.name}, {arch.num_blocks} blocks, {base.count_params(params) / 1e6:.1f}M params, "
-        f"mesh {dict(r.mesh.shape)}")
-    if r.mesh.size > 1:
+        f"mesh {dict(state.mesh.shape)}")
+    if state.mesh.size > 1:
         sharding.check_replication(params, cfg["sharding"]["max_replicated_mib"] * 2**20)
     plan = plan_groups(cfg, arch, params)
     for g, (layout, rank) in enumerate(plan):
@@ -94,18 +96,18 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
 
     # Statistics, init, local optimisation and held-out error, scope by scope (the task's loop).
     task = tasks.for_arch(arch)
-    dat = task.load_data(r, arch, tokenizer)
-    cal = task.calibrate(r, arch, params, plan, dat, peers)
+    dat = task.load_data(state, arch, tokenizer)
+    cal = task.calibrate(state, arch, params, plan, dat, peers)
     final = cal.final
-    tuned = global_finetune(r, arch, params, cal)
+    tuned = global_finetune(state, arch, params, cal)
     if tuned is not None:
         final = tuned
         cal.variants["fips_finetuned"] = lambda: [(cal.layouts[n], tuned[n]) for n in cal.layouts]
 
     # Evaluate every variant, count what each keeps, export FiPS.
-    evals, task_metrics = task.evaluate(r, arch, params, dat, cal.variants)
+    evals, task_metrics = task.evaluate(state, arch, params, dat, cal.variants)
     budgets = variant_budgets(plan, params, cal, peers, final)
-    exported = export_compressed(r, arch, params, plan, [final[n] for n in cal.layouts],
+    exported = export_compressed(state, arch, params, plan, [final[n] for n in cal.layouts],
                                  {"budget": budgets["fips"], "evals": evals, "finetuned": tuned is not None})
     sp = sparsity_per_block(plan, [final[n] for n in cal.layouts])
     metrics = {
@@ -118,37 +120,37 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
         "config": cfg,
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
                      "devices": [str(d) for d in jax.devices()]},
-        "timings_s": {**r.timings, "total_this_process": time.perf_counter() - t_start},
+        "timings_s": {**state.timings, "total_this_process": time.perf_counter() - t_start},
     }
     if sharding.is_writer():
-        checkpointing.write_json(r.path("metrics.json"), metrics)
-        report.write(r.workdir, metrics)
+        checkpointing.write_json(state.path("metrics.json"), metrics)
+        report.write(state.workdir, metrics)
     log(report.table(metrics))
     return metrics
 
 
-def global_finetune(r: stages.Run, arch: base.Architecture, params, cal: tasks.Calibrated) -> dict | None:
+def global_finetune(state: stages.Run, arch: base.Architecture, params, cal: tasks.Calibrated) -> dict | None:
     """The optional global error minimisation (SPEC §4, `finetune.enabled`): every group's U, V and
     biases trained together through the whole model, V kept at its number of nonzeros by RigL.
     Returns {group name: params}, or None when disabled. Resumes like the local loop."""
-    cfg = r.cfg
+    cfg = state.cfg
     inputs, labels = cal.finetune_inputs, cal.finetune_labels
     ft = finetune.from_config(cfg["finetune"], int(inputs.shape[0]))
     if ft is None:
         return None
 
     def tune() -> dict:
-        r.log(f"[finetune] {ft.steps} steps, batch {ft.batch}, loss {ft.loss}, {ft.algorithm}")
+        state.log(f"[finetune] {ft.steps} steps, batch {ft.batch}, loss {ft.loss}, {ft.algorithm}")
         tuned, losses = finetune.finetune(
-            arch, params, cal.layouts, cal.final, jnp.asarray(inputs), ft, r.path("finetune", "loop"),
+            arch, params, cal.layouts, cal.final, jnp.asarray(inputs), ft, state.path("finetune", "loop"),
             labels=None if labels is None else jnp.asarray(labels), seed=cfg["seed"],
-            checkpoint_every=cfg["checkpoint_every"], log=r.log, on_step=r.on_step,
-            param_shardings=stages.shardings_of(r, arch.mlp_spec, cal.final))
-        r.save("finetune/stats", {"steps": ft.steps, "loss_first": losses[0] if losses else None,
+            checkpoint_every=cfg["checkpoint_every"], log=state.log, on_step=state.on_step,
+            param_shardings=stages.shardings_of(state, arch.mlp_spec, cal.final))
+        state.save("finetune/stats", {"steps": ft.steps, "loss_first": losses[0] if losses else None,
                                   "loss_last": losses[-1] if losses else None})
         return tuned
 
-    return r.stage("finetune/final", tune, "arrays", label="finetune")
+    return state.stage("finetune/final", tune, "arrays", label="finetune")
 
 
 def variant_budgets(plan, params, cal: tasks.Calibrated, peers: list, final: dict) -> dict:
@@ -179,19 +181,19 @@ def sparsity_per_block(plan, group_params: list[dict]) -> dict[int, float]:
     return out
 
 
-def export_compressed(r: stages.Run, arch: base.Architecture, params, plan, group_params: list,
+def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, group_params: list,
                       manifest: dict) -> dict:
     """Both exports of the compressed model: the Orbax tree with its manifest (`compressed/`) and
     the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices).
     Returns paths and the on-disk sizes next to the dense MLP's."""
-    lc = r.cfg["local"]
+    lc = state.cfg["local"]
     manifest = {**manifest, "sparsity": {
-        "algorithm": lc["algorithm"], "target": r.cfg["fips"]["sparsity"],
+        "algorithm": lc["algorithm"], "target": state.cfg["fips"]["sparsity"],
         "nm": [lc["n"], lc["m"]] if lc["algorithm"] == "nm" else None, "nm_axis": "rank (axis -2 of v)"}}
-    export.save(r.path("compressed"), arch, params, plan, group_params, manifest=manifest)
-    out = {"orbax": r.path("compressed"), "safetensors": r.path("compressed.safetensors")}
+    export.save(state.path("compressed"), arch, params, plan, group_params, manifest=manifest)
+    out = {"orbax": state.path("compressed"), "safetensors": state.path("compressed.safetensors")}
     if sharding.is_writer():
         sizes = export_sparse.convert(out["orbax"], out["safetensors"])
         out["sizes"] = sizes.as_dict()
-        r.log("sparse safetensors export:\n" + sizes.table())
+        state.log("sparse safetensors export:\n" + sizes.table())
     return out

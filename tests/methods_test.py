@@ -186,3 +186,20 @@ def test_a_run_with_every_method_reports_each_at_the_same_budget_and_fips_activa
     table = report.table(m)
     for label in ("SVD-LLM", "Basis Sharing + local training", "FiPS final"):
         assert label in table
+
+
+def test_vit_runs_every_method_with_statistics_from_the_calibration_images(tmp_path):
+    import os  # pylint: disable=import-outside-toplevel
+    from fips_jax import config_base, pipeline  # pylint: disable=import-outside-toplevel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_base.load_config(os.path.join(root, "configs", "tiny_vit.py"), {
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "fips.init": "whitened", "fips.prune": "obs",
+        "local.algorithm": "static", "compare.methods": "per_layer_svd,svd_llm,basis_sharing"})
+    m = pipeline.run(cfg, str(tmp_path), log=lambda s: None)
+    err = {k[len("heldout_rel_error_"):]: float(np.mean(v)) for k, v in m["per_block"].items()
+           if k.startswith("heldout_rel_error_")}
+    assert set(err) == {"per_layer_svd", "svd_llm", "basis_sharing", "fips_init", "fips_final"}
+    assert err["svd_llm"] < err["per_layer_svd"], err
+    assert err["fips_final"] < err["fips_init"], err
+    v = np.asarray(stages.load_arrays(str(tmp_path / "groups" / "final.npz"))["g00"]["v"])
+    assert np.mean(v == 0) == pytest.approx(cfg["fips"]["sparsity"], abs=0.01)

@@ -43,16 +43,16 @@ def init(problem: Problem) -> list:
     """The group's initial params as one part: the shared basis and V (`fips.init`), V pruned to
     the target sparsity when `fips.prune=obs` (otherwise the local optimisation's schedule
     prunes it by magnitude)."""
-    fc, layout = problem.cfg["fips"], problem.layout
-    if fc["init"] == "whitened":
+    fips_cfg, layout = problem.cfg["fips"], problem.layout
+    if fips_cfg["init"] == "whitened":
         params = whitened_init(problem)
     else:
-        params = group_init(problem.spec, layout, problem.rank, problem.dense_params, fc["tau"], fc["init"],
+        params = group_init(problem.spec, layout, problem.rank, problem.dense_params, fips_cfg["tau"], fips_cfg["init"],
                             problem.mesh, problem.rules)
-    if fc["prune"] == "obs":
+    if fips_cfg["prune"] == "obs":
         params = obs_pruned(problem, params)
-    elif fc["prune"] != "magnitude":
-        raise ValueError(f"fips.prune {fc['prune']!r} not in {PRUNES}")
+    elif fips_cfg["prune"] != "magnitude":
+        raise ValueError(f"fips.prune {fips_cfg['prune']!r} not in {PRUNES}")
     return [(layout, params)]
 
 
@@ -65,12 +65,12 @@ def _stats(problem: Problem, what: str):
 def whitened_init(problem: Problem) -> dict:
     """`whitening.whitened_group_init`: the shared basis of the activation-weighted problem, every
     V exactly optimal given it (float64 on the host; one [d, d] eigenproblem per candidate)."""
-    layout, fc = problem.layout, problem.cfg["fips"]
+    layout, fips_cfg = problem.layout, problem.cfg["fips"]
     stats = _stats(problem, "fips.init=whitened")
     w = np.asarray(grouping.concat_group(problem.dense_params, layout), np.float64)
     ws = w.reshape(layout.d, layout.n_blocks, layout.n_fcs, layout.p).transpose(1, 2, 0, 3)
     fac = whitening.whitened_group_init(ws, stats.inputs, stats.hidden, layout.transposed, problem.rank,
-                                        tau=fc["tau"], damp=problem.cfg["compare"]["damp"], steps=fc["whiten_steps"])
+                                        tau=fips_cfg["tau"], damp=problem.cfg["compare"]["damp"], steps=fips_cfg["whiten_steps"])
     return factors.init_group_params(fac, problem.dense_params, layout, problem.spec)
 
 

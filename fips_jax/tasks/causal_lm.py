@@ -68,8 +68,8 @@ class Data:
 
 def load_data(run, arch, tokenizer) -> Data:
     del arch
-    dc = run.cfg["data"]
-    calib_src, eval_src = dc["calib"], dc["eval"]
+    data_cfg = run.cfg["data"]
+    calib_src, eval_src = data_cfg["calib"], data_cfg["eval"]
     window, n_windows = calib_src["window"], calib_src["n_windows"]
     calib = data.token_windows(tokens(calib_src, tokenizer, window * n_windows), window, n_windows)
     context = eval_src["context"]
@@ -77,7 +77,7 @@ def load_data(run, arch, tokenizer) -> Data:
     # windows can say how many there were: "standard" perplexity means the whole split.
     split_ids = data.encode(tokenizer, text(eval_src))
     eval_ids = split_ids[: context * eval_src["max_windows"]]
-    holdout = data.token_windows(eval_ids, context, min(dc["holdout_windows"], max(len(eval_ids) // context, 1)))
+    holdout = data.token_windows(eval_ids, context, min(data_cfg["holdout_windows"], max(len(eval_ids) // context, 1)))
     scope = {"windows_scored": len(eval_ids) // context, "windows_in_split": len(split_ids) // context,
              "tokens_in_split": int(len(split_ids))}
     run.log(f"calibration: {calib.shape[0]} windows x {window} tokens ({calib_src['source']}:"

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import calibration, data, factors, local_opt, sharding
+from fips_jax import calib_stats, calibration, data, factors, local_opt, sharding
 from fips_jax.data import images as image_data
 from fips_jax.evaluators import classification, features
-from fips_jax.methods import Problem
+from fips_jax.methods import GroupStats, Problem
 from fips_jax.methods import fips
 from fips_jax.tasks import Calibrated, relative_error
 
@@ -96,16 +96,27 @@ def load_data(run, arch, tokenizer) -> Data:
     return Data(calib, calib_labels, batches, n_eval, labelled, np.concatenate(held)[:want])
 
 
+def group_statistics(arch, params, plan, images_: np.ndarray, chunk: int) -> list[GroupStats]:
+    """Every group's MLP-input second moments on the calibration images (the dense model's
+    activations, streamed block by block; one group's inputs held at a time)."""
+    stream = calibration.HiddenStream(arch, params, images_, chunk)
+    out = []
+    for layout, _ in plan:
+        x = stream.advance(layout.blocks)
+        grams = calib_stats.group_input_grams(arch.mlp_spec, local_opt.stack_dense_mlps(params, layout), x)
+        out.append(GroupStats(grams["in"], grams["hidden"], int(grams["n"])))
+    return out
+
+
 def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     cfg, log = run.cfg, run.log
-    if fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers):
-        raise ValueError("fips.init=whitened, fips.prune=obs and the peers svd_llm/basis_sharing need MLP "
-                         "activation statistics, which the ViT task does not collect yet")
     if cfg["compare"]["train"] and peers:
         raise ValueError("compare.train (refining peers) is implemented for LLMs only")
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
-    problems = {n: Problem(layout, rank, cfg["fips"]["budget"], params, arch.mlp_spec, cfg, None, run.mesh, run.rules)
-                for n, (layout, rank) in zip(layouts, plan)}
+    stats = (group_statistics(arch, params, plan, dat.calib, cfg["chunk"])
+             if fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers) else [None] * len(plan))
+    problems = {n: Problem(layout, rank, cfg["fips"]["budget"], params, arch.mlp_spec, cfg, st, run.mesh, run.rules)
+                for n, (layout, rank), st in zip(layouts, plan, stats)}
     p0 = run.stage("groups/init", lambda: {n: fips.init(pr)[0][1] for n, pr in problems.items()}, "arrays", quiet=True)
     all_blocks = sorted(i for layout in layouts.values() for i in layout.blocks)
     batch = min(cfg["local"]["batch_images"], dat.calib.shape[0])
