@@ -1,6 +1,5 @@
-"""Gemma-3-1B (26 blocks, d 1152, p 6912, 5 local : 1 global layers), the paper's LLM protocol
-(`paper_llm_config`) with Gemma-2-2B's learning rate. Blocks [0, 1] as their own group like
-Gemma-2-2B (SPEC §1), then four groups of 6."""
+"""Gemma-3-1B (26 blocks, d 1152, p 6912, 5 local : 1 global layers) as `gemma2_2b.py` runs
+Gemma-2-2B: same learning rate and groups."""
 
 from fips_jax.config_base import pair_then_groups, paper_llm_config
 

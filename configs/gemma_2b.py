@@ -1,6 +1,5 @@
-"""Gemma-2B (v1; 18 blocks, d 2048, p 16384, head_dim 256, one KV head), the paper's LLM protocol
-(`paper_llm_config`) with Gemma-2-2B's learning rate. Blocks [0, 1] as their own group like
-Gemma-2-2B (SPEC §1), then four groups of 4."""
+"""Gemma-2B (v1; 18 blocks, d 2048, p 16384, head_dim 256, one KV head) as `gemma2_2b.py` runs
+Gemma-2-2B (its learning rate; blocks [0, 1], then groups of 4 rather than 6)."""
 
 from fips_jax.config_base import pair_then_groups, paper_llm_config
 

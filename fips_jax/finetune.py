@@ -156,6 +156,25 @@ def make_loss(arch: base.Architecture, layouts: Mapping[str, grouping.GroupLayou
     return loss_fn
 
 
+def _ce_labels(arch: base.Architecture, kind: str, labels: np.ndarray | jax.Array | None, n: int) -> tuple[Any, ...]:
+    """The loss constants loss "ce" adds after (inputs, dense params): (labels [n] int32,) for a
+    classifier, () for a causal LM (its targets are the inputs' next tokens). Raises ValueError
+    where "ce" cannot apply or the labels do not fit the n inputs."""
+    if arch.is_causal_lm:
+        if labels is not None:
+            raise ValueError("finetune loss 'ce' on a causal LM trains on the next token of the inputs; "
+                             "labels must be None")
+        return ()
+    if kind == "features":
+        raise ValueError(f"finetune loss 'ce' needs class logits, but {arch.name} outputs features "
+                         "(no classification head); use loss 'kd'")
+    if labels is None:
+        raise ValueError(f"finetune loss 'ce' on the classifier {arch.name} needs labels ([N] class ids)")
+    if np.shape(labels) != (n,):
+        raise ValueError(f"labels have shape {np.shape(labels)}, expected ({n},) for {n} inputs")
+    return (jnp.asarray(labels, jnp.int32),)
+
+
 def finetune(
     arch: base.Architecture,
     dense_params: Mapping[str, Any],
@@ -189,19 +208,7 @@ def finetune(
     n = int(inputs.shape[0])
     consts: tuple[Any, ...] = (jnp.asarray(inputs), dense_params)
     if cfg.loss == "ce":
-        if arch.is_causal_lm:
-            if labels is not None:
-                raise ValueError("finetune loss 'ce' on a causal LM trains on the next token of the inputs; "
-                                 "labels must be None")
-        elif kind == "features":
-            raise ValueError(f"finetune loss 'ce' needs class logits, but {arch.name} outputs features "
-                             "(no classification head); use loss 'kd'")
-        elif labels is None:
-            raise ValueError(f"finetune loss 'ce' on the classifier {arch.name} needs labels ([N] class ids)")
-        else:
-            if np.shape(labels) != (n,):
-                raise ValueError(f"labels have shape {np.shape(labels)}, expected ({n},) for {n} inputs")
-            consts += (jnp.asarray(labels, jnp.int32),)
+        consts += _ce_labels(arch, kind, labels, n)
 
     nnz, size = v_nonzeros(group_params)
     if nnz == 0:

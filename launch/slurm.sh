@@ -14,50 +14,25 @@
 # Rerunning the same command resumes from the checkpoints in the workdir.
 # --dry-run prints the batch script and the sbatch command, and writes and submits nothing.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
 
-usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
-
-die() { echo "slurm.sh: $*" >&2; exit 2; }
-
-CONFIG="" WORKDIR="" NODES=1 GPUS=8 CPUS=16 TIME="16:00:00" PARTITION="" ACCOUNT="" VENV="" DRY_RUN=0
-OVERRIDES=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --config) CONFIG="${2:?}"; shift 2 ;;
-    --workdir) WORKDIR="${2:?}"; shift 2 ;;
-    --nodes) NODES="${2:?}"; shift 2 ;;
-    --gpus-per-node) GPUS="${2:?}"; shift 2 ;;
-    --cpus-per-task) CPUS="${2:?}"; shift 2 ;;
-    --time) TIME="${2:?}"; shift 2 ;;
-    --partition) PARTITION="${2:?}"; shift 2 ;;
-    --account) ACCOUNT="${2:?}"; shift 2 ;;
-    --venv) VENV="${2:?}"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage ;;
-    --) shift; OVERRIDES=("$@"); break ;;
-    *) die "unknown argument $1 (overrides go after --)" ;;
-  esac
-done
+NODES=1 GPUS=8 CPUS=16 TIME="16:00:00" PARTITION="" ACCOUNT="" VENV=""
+declare -A VALUE_OPTIONS=([--nodes]=NODES [--gpus-per-node]=GPUS [--cpus-per-task]=CPUS [--time]=TIME
+                         [--partition]=PARTITION [--account]=ACCOUNT [--venv]=VENV)
+parse_args "$@"
 
 [[ -n "$CONFIG" && -n "$WORKDIR" ]] || usage
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-[[ -f "$REPO/$CONFIG" ]] || die "config $CONFIG not found under $REPO (give it relative to the repo root)"
+check_config
 [[ "$WORKDIR" == /* ]] || die "--workdir must be an absolute path on a shared filesystem, got $WORKDIR"
 [[ "$NODES" =~ ^[1-9][0-9]*$ && "$GPUS" =~ ^[1-9][0-9]*$ && "$CPUS" =~ ^[1-9][0-9]*$ ]] \
   || die "--nodes, --gpus-per-node and --cpus-per-task must be positive integers"
 [[ -z "$VENV" || -f "$VENV/bin/activate" || "$DRY_RUN" == 1 ]] || die "no virtualenv at $VENV"
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  [[ "$o" == --config.* ]] || die "override $o: only --config.KEY=VALUE overrides go after --"
-done
+check_overrides
 
 WORKDIR="${WORKDIR%/}"
 NAME="fips-$(basename "$CONFIG" .py)"
 SCRIPT="$WORKDIR/_launch/$NAME.sbatch"
-ARGS="--config=$(printf %q "$CONFIG") --workdir=$(printf %q "$WORKDIR")"
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do ARGS+=" $(printf %q "$o")"; done
+ARGS="--config=$(printf %q "$CONFIG") --workdir=$(printf %q "$WORKDIR")$(quoted_overrides)"
 DEVICE_IDS="$(seq -s, 0 $((GPUS - 1)))"
 
 BATCH="#!/bin/bash

@@ -19,39 +19,17 @@
 # Rerunning the same command resumes the run from its checkpoints in the workdir.
 # --dry-run prints the commands and runs nothing.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
 
-usage() {
-  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
-
-die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
-
-TPU="" ZONE="" PROJECT="" CONFIG="" WORKDIR="" ENV_TARBALL="" DRY_RUN=0
-OVERRIDES=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --tpu) TPU="${2:?}"; shift 2 ;;
-    --zone) ZONE="${2:?}"; shift 2 ;;
-    --project) PROJECT="${2:?}"; shift 2 ;;
-    --config) CONFIG="${2:?}"; shift 2 ;;
-    --workdir) WORKDIR="${2:?}"; shift 2 ;;
-    --env) ENV_TARBALL="${2:?}"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage ;;
-    --) shift; OVERRIDES=("$@"); break ;;
-    *) die "unknown argument $1 (overrides go after --)" ;;
-  esac
-done
+TPU="" ZONE="" PROJECT="" ENV_TARBALL=""
+declare -A VALUE_OPTIONS=([--tpu]=TPU [--zone]=ZONE [--project]=PROJECT [--env]=ENV_TARBALL)
+parse_args "$@"
 
 [[ -n "$TPU" && -n "$ZONE" && -n "$CONFIG" && -n "$WORKDIR" ]] || usage
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-[[ -f "$REPO/$CONFIG" ]] || die "config $CONFIG not found under $REPO (give it relative to the repo root)"
+check_config
 [[ "$WORKDIR" == gs://*/* ]] || die "--workdir must be a GCS path gs://BUCKET/PATH, got $WORKDIR"
 [[ -z "$ENV_TARBALL" || "$ENV_TARBALL" == gs://* ]] || die "--env must be a gs:// tarball, got $ENV_TARBALL"
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  [[ "$o" == --config.* ]] || die "override $o: only --config.KEY=VALUE overrides go after --"
-done
+check_overrides
 
 WORKDIR="${WORKDIR%/}"
 BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
@@ -67,9 +45,8 @@ else
   PIP="~/fips_run/venv/bin/pip install -q -r ~/fips_run/code/requirements.txt 'jax[tpu]'"
   SETUP_ENV="[ -x ~/fips_run/venv/bin/python ] || { python3 -m venv ~/fips_run/venv && $PIP; }"
 fi
-ARGS="--config=$(printf %q "$CONFIG") --workdir=\"$RUN_DIR\""
+ARGS="--config=$(printf %q "$CONFIG") --workdir=\"$RUN_DIR\"$(quoted_overrides)"
 LOG="$RUN_DIR/_launch/\$(hostname).log"
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do ARGS+=" $(printf %q "$o")"; done
 STEPS=(
   "set -euo pipefail"
   "rm -rf ~/fips_run/code && mkdir -p ~/fips_run/code"

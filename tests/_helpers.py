@@ -95,6 +95,18 @@ def assert_hf_round_trip(torch, transformers, arch, params, out_dir, token_ids: 
     return reloaded
 
 
+def assert_parity_both_ways(torch, transformers, model, folder, out_dir, token_ids: np.ndarray, cfg, name: str,
+                            hidden_rtol: float = 1e-7):
+    """`load_and_check_parity` of `folder` against `model` (loaded as architecture `name` with config
+    `cfg`), then `assert_hf_round_trip` to `out_dir`, reloaded as `model`'s transformers class.
+    Returns (arch, params)."""
+    arch, params, want, _, _ = load_and_check_parity(torch, model, folder, token_ids, hidden_rtol=hidden_rtol)
+    assert arch.config == cfg and arch.name == name
+    reloaded = assert_hf_round_trip(torch, transformers, arch, params, out_dir, token_ids, want)
+    assert type(reloaded).__name__ == type(model).__name__
+    return arch, params
+
+
 def assert_staged_apply(arch, params, token_ids):
     """`arch.apply` equals embed -> every block -> head under jit (atol 1e-5). Returns `arch.block`
     jitted with the block index static, for the callers' per-block checks."""

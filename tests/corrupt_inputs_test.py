@@ -80,11 +80,17 @@ ST_CASES = {
 }
 
 
-@pytest.fixture
-def st_file(tmp_path):
-    path = str(tmp_path / "model.safetensors")
-    _st_write(path)
-    return path
+def _valid_file_fixture(name, write):
+    """A fixture: the path of a valid file `name` in tmp_path, written by `write(path)`."""
+    @pytest.fixture
+    def fixture(tmp_path):
+        path = str(tmp_path / name)
+        write(path)
+        return path
+    return fixture
+
+
+st_file = _valid_file_fixture("model.safetensors", _st_write)
 
 
 def test_valid_safetensors_file_loads(st_file):
@@ -261,11 +267,7 @@ GG_CASES = {
 }
 
 
-@pytest.fixture
-def gg_file(tmp_path):
-    path = str(tmp_path / "tiny.gguf")
-    _write_gguf(path)
-    return path
+gg_file = _valid_file_fixture("tiny.gguf", _write_gguf)
 
 
 def test_valid_gguf_file_loads(gg_file):

@@ -99,11 +99,9 @@ def test_mlp_matches_transformers(hf_checkpoint):
 
 def test_parity_with_transformers_both_ways(hf_checkpoint, tmp_path):
     model, path = hf_checkpoint
-    tokens = TOKENS
-    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, path, tokens, hidden_rtol=1e-5)
-    assert arch.config == Gemma3Config(**TINY) and arch.name == "gemma3_text"
-    reloaded = helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
-    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    helpers.assert_parity_both_ways(torch, transformers, model, path, tmp_path / "ours", TOKENS, Gemma3Config(**TINY),
+                                    "gemma3_text", hidden_rtol=1e-5)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
 
 
 def test_text_tower_of_a_multimodal_checkpoint(hf_checkpoint, tmp_path):

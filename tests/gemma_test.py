@@ -62,13 +62,10 @@ def test_mlp_matches_transformers(hf_checkpoint):
 
 def test_parity_with_transformers_both_ways(hf_checkpoint, tmp_path):
     model, path = hf_checkpoint
-    tokens = TOKENS
-    arch, params, want, _, _ = helpers.load_and_check_parity(torch, model, path, tokens, hidden_rtol=1e-5)
-    assert arch.config == GemmaConfig(**TINY) and arch.name == "gemma"
+    arch, params = helpers.assert_parity_both_ways(torch, transformers, model, path, tmp_path / "ours", TOKENS,
+                                                   GemmaConfig(**TINY), "gemma", hidden_rtol=1e-5)
+    assert type(model).__name__ == "GemmaForCausalLM"
     assert "lm_head" not in params and "post_attn_norm" not in params["blocks_0"]
-    hidden, _ = arch.embed(params, jnp.asarray(tokens))
+    hidden, _ = arch.embed(params, jnp.asarray(TOKENS))
     np.testing.assert_allclose(  # embeddings scaled by sqrt(d)
-        np.asarray(hidden), np.asarray(params["embed"]["embedding"])[tokens] * np.sqrt(32), rtol=1e-6)
-
-    reloaded = helpers.assert_hf_round_trip(torch, transformers, arch, params, tmp_path / "ours", tokens, want)
-    assert type(reloaded).__name__ == "GemmaForCausalLM"
+        np.asarray(hidden), np.asarray(params["embed"]["embedding"])[TOKENS] * np.sqrt(32), rtol=1e-6)

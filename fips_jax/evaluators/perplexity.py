@@ -54,6 +54,25 @@ def _windows_for(token_ids: np.ndarray, context: int, protocol: str) -> np.ndarr
     raise ValueError(f"perplexity protocol {protocol!r} not in {PROTOCOLS}")
 
 
+def _total_nll(score_fn: Callable[[jax.Array], jax.Array], windows: np.ndarray, batch_size: int,
+               progress: Progress | None) -> float:
+    """Summed NLL of `windows` `[N, T]` under `score_fn` (`[B, T]` -> per-window sums `[B]`), in
+    batches of exactly `batch_size`: the last is padded with repeats of its first window, whose
+    scores are dropped, so a jitted `score_fn` compiles once."""
+    n_windows = windows.shape[0]
+    total_nll = 0.0
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start : start + batch_size]
+        n_real = batch.shape[0]
+        if n_real < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - n_real, axis=0)])
+        sums = np.asarray(jax.device_get(score_fn(jnp.asarray(batch))), dtype=np.float64)
+        total_nll += float(sums[:n_real].sum())
+        if progress is not None:
+            progress(start + n_real, n_windows)
+    return total_nll
+
+
 def perplexity(
     logits_fn: LogitsFn,
     token_ids: np.ndarray,
@@ -90,16 +109,7 @@ def perplexity(
     score_fn = jax.jit(score) if jit else score
 
     n_windows = windows.shape[0]
-    total_nll = 0.0
-    for start in range(0, n_windows, batch_size):
-        batch = windows[start : start + batch_size]
-        n_real = batch.shape[0]
-        if n_real < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - n_real, axis=0)])
-        sums = np.asarray(jax.device_get(score_fn(jnp.asarray(batch))), dtype=np.float64)
-        total_nll += float(sums[:n_real].sum())
-        if progress is not None:
-            progress(start + n_real, n_windows)
+    total_nll = _total_nll(score_fn, windows, batch_size, progress)
     n_tokens = n_windows * (context - 1)
 
     if include_tail:

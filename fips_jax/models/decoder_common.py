@@ -452,6 +452,16 @@ class CausalLMArchitecture:
         return self.module().apply({"params": params}, tokens)
 
 
+def hf_field_kwargs(cls: type, hf: dict, skip: tuple[str, ...]) -> dict:
+    """Keyword arguments for the config dataclass `cls` from an HF config dict: every field of
+    `cls` that `hf` sets but those in `skip` (the caller reads them itself), token ids as
+    `hf_token_ids` gives them."""
+    fields = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    kwargs = {k: hf[k] for k in fields if k in hf}
+    kwargs.update(hf_token_ids(hf))
+    return kwargs
+
+
 def hf_token_ids(hf: dict) -> dict:
     """bos/eos/pad ids from an HF config dict (lists become tuples so configs stay hashable)."""
     out = {}

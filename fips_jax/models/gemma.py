@@ -60,10 +60,7 @@ class GemmaConfig:
             )
         if hf.get("use_bidirectional_attention"):
             raise ValueError(f"{cls.model_type} use_bidirectional_attention=True not supported (causal LM only)")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(rope_fields)
-        kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(decoder_common.hf_token_ids(hf))
-        return kwargs
+        return decoder_common.hf_field_kwargs(cls, hf, rope_fields)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]):

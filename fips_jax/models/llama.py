@@ -58,9 +58,7 @@ class LlamaConfig:
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"llama pretraining_tp={hf['pretraining_tp']} not supported (only 1)")
         theta, scaling = decoder_common.rope_from_hf(hf)
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
-        kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(decoder_common.hf_token_ids(hf))
+        kwargs = decoder_common.hf_field_kwargs(cls, hf, ("rope_theta", "rope_scaling"))
         return cls(**kwargs, rope_theta=theta, rope_scaling=scaling)
 
     def to_hf_config(self) -> dict[str, Any]:

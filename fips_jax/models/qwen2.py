@@ -82,10 +82,8 @@ class Qwen2Config:
         theta, scaling = decoder_common.rope_from_hf(hf)
         layers = hf.get("num_hidden_layers", cls.num_hidden_layers)
         window, types = layer_types_from_hf(hf, layers)
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling", "sliding_window",
-                                                               "layer_types"}
-        kwargs = {k: hf[k] for k in fields if k in hf}
-        kwargs.update(decoder_common.hf_token_ids(hf))
+        skip = ("rope_theta", "rope_scaling", "sliding_window", "layer_types")
+        kwargs = decoder_common.hf_field_kwargs(cls, hf, skip)
         return cls(**kwargs, rope_theta=theta, rope_scaling=scaling, sliding_window=window, layer_types=types)
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -53,6 +53,28 @@ def to_hf_config(arch: base.Architecture) -> dict:
     return _family(arch.name).config_to_hf(arch.config)
 
 
+def _load_hf(path: str, dtype: Any, want_tokenizer: bool, place_for) -> tuple[base.Architecture, Any, Any]:
+    """`load_model` for model.source hf: a checkpoint folder or hub id, each tensor placed by
+    `place_for(arch)` as it is read; the transformers tokenizer of a causal LM if wanted."""
+    from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
+
+    if not path:
+        raise ValueError("model.source=hf needs model.path (a checkpoint folder or a hub id)")
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    folder, place = checkpoint.resolve(os.path.expanduser(path)), None
+    if place_for is not None:
+        family, hf_cfg = checkpoint.read_config(folder)
+        place = place_for(family.build_architecture(hf_cfg, dtype=dtype))
+    arch, params = checkpoint.load_pretrained(folder, dtype=dtype, place=place)
+    tokenizer = None
+    if arch.is_causal_lm and want_tokenizer:
+        from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.resolve(os.path.expanduser(path)))
+    return arch, params, tokenizer
+
+
 def load_model(model_cfg: dict, seed: int = 0, place_for=None) -> tuple[base.Architecture, Any, Any]:
     """(arch, params, tokenizer or None) for model.source in hf | gguf | onnx | random.
 
@@ -88,22 +110,7 @@ def load_model(model_cfg: dict, seed: int = 0, place_for=None) -> tuple[base.Arc
                                           dtype=dtype)
         tokenizer = None
     elif source == "hf":
-        from fips_jax.hf import checkpoint  # pylint: disable=import-outside-toplevel
-
-        if not path:
-            raise ValueError("model.source=hf needs model.path (a checkpoint folder or a hub id)")
-        if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-            raise FileNotFoundError(f"checkpoint folder not found: {path}")
-        folder, place = checkpoint.resolve(os.path.expanduser(path)), None
-        if place_for is not None:
-            family, hf_cfg = checkpoint.read_config(folder)
-            place = place_for(family.build_architecture(hf_cfg, dtype=dtype))
-        arch, params = checkpoint.load_pretrained(folder, dtype=dtype, place=place)
-        tokenizer = None
-        if arch.is_causal_lm and model_cfg["tokenizer"] == "model":
-            from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
-            tokenizer = AutoTokenizer.from_pretrained(checkpoint.resolve(os.path.expanduser(path)))
+        arch, params, tokenizer = _load_hf(path, dtype, model_cfg["tokenizer"] == "model", place_for)
     else:
         raise ValueError(f"model.source {source!r} not in {SOURCES}")
     if place_for is not None and source != "hf":

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax.models import base
-from fips_jax.models.vit import Attention, ImageArchitecture, Mlp, PatchEmbed, dense, layer_norm, patch_conv
+from fips_jax.models.vit import (Attention, ImageArchitecture, ImageModel, Mlp, PatchEmbed, dense, layer_norm,
+                                 patch_conv)
 
 # HF builds the patch-embedding and patch-merging LayerNorms with PyTorch's default eps, not
 # config.layer_norm_eps (which only the blocks and the final norm use).
@@ -259,16 +260,14 @@ class SwinPatchEmbed(PatchEmbed):
         return layer_norm(_TORCH_LN_EPS, name="norm", **prec)(x)
 
 
-class Swin(nn.Module):
-    """images [B, H, W, C] -> logits [B, num_labels]; `embed`/`block`/`classify` are the stages."""
+class Swin(ImageModel):
+    """The Swin `ImageModel`: patch grids [B, h, w, C] between the stages."""
 
     config: SwinConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def setup(self):
         cfg = self.config
-        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        prec = self.prec
         self.patch_embed = SwinPatchEmbed(cfg.embed_dim, cfg.patch_size, **prec)
         if cfg.use_absolute_embeddings:
             init = nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed"))
@@ -277,9 +276,7 @@ class Swin(nn.Module):
         stages = [cfg.block_stage(i) for i in range(cfg.num_blocks)]
         self.blocks = [SwinBlock(cfg, s, shifted=j % 2 == 1, **prec) for s, j in stages]  # named blocks_{i}
         self.merges = [PatchMerging(**prec) for _ in range(len(cfg.depths) - 1)]  # named merges_{s}
-        self.norm = layer_norm(cfg.layer_norm_eps, **prec)
-        if cfg.num_labels > 0:
-            self.head = dense(cfg.num_labels, ("embed", "classes"), **prec)
+        self.setup_norm_and_head()
 
     def embed(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] -> patch features [B, gh, gw, embed_dim]."""
@@ -307,12 +304,6 @@ class Swin(nn.Module):
         pooled = self.norm(x).astype(jnp.float32).mean(axis=(1, 2)).astype(x.dtype)
         return self.head(pooled) if self.config.num_labels > 0 else pooled
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        x = self.embed(images)
-        for i in range(self.config.num_blocks):
-            x, _ = self.block(i, x)
-        return self.classify(x)
-
 
 @dataclasses.dataclass(frozen=True)
 class SwinArchitecture(ImageArchitecture):
@@ -322,7 +313,3 @@ class SwinArchitecture(ImageArchitecture):
     module_cls = Swin
 
     config: SwinConfig
-
-    @property
-    def num_blocks(self) -> int:
-        return self.config.num_blocks

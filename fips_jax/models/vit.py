@@ -189,6 +189,10 @@ class ViTConfig:
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1] + self.num_prefix_tokens
 
+    @property
+    def num_blocks(self) -> int:
+        return self.num_layers
+
 
 class PatchEmbed(nn.Module):
     """images [B, H, W, C] -> patch tokens [B, (H/ph)*(W/pw), d], row-major over the patch grid."""
@@ -233,17 +237,41 @@ class ViTBlock(nn.Module):
         return x + self._scale("ls2", mlp_out), mlp_in
 
 
-class ViT(nn.Module):
-    """images [B, H, W, C] -> logits [B, num_labels]; `embed`/`block`/`classify` are the stages."""
+class ImageModel(nn.Module):
+    """images [B, H, W, C] -> logits [B, num_labels] through the stages `embed`, `block` (one per
+    `config.num_blocks`) and `classify`, which a subclass defines; ViT and Swin are two."""
 
-    config: ViTConfig
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    @property
+    def prec(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def setup_norm_and_head(self):
+        """The final LayerNorm `norm` and, unless num_labels is 0, the linear `head`."""
+        cfg = self.config
+        self.norm = layer_norm(cfg.layer_norm_eps, **self.prec)
+        if cfg.num_labels > 0:
+            self.head = dense(cfg.num_labels, ("embed", "classes"), **self.prec)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.embed(images)
+        for i in range(self.config.num_blocks):
+            x, _ = self.block(i, x)
+        return self.classify(x)
+
+
+class ViT(ImageModel):
+    """The ViT/DeiT `ImageModel`: tokens [B, T, d] between the stages."""
+
+    config: ViTConfig
 
     def setup(self):
         cfg = self.config
         d = cfg.hidden_size
-        prec = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        prec = self.prec
         token_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
         self.patch_embed = PatchEmbed(d, cfg.patch_size, **prec)
         self.cls_token = self.param("cls_token", token_init, (1, 1, d), self.param_dtype)
@@ -251,11 +279,9 @@ class ViT(nn.Module):
             self.dist_token = self.param("dist_token", token_init, (1, 1, d), self.param_dtype)
         self.pos_embed = self.param("pos_embed", token_init, (1, cfg.seq_len, d), self.param_dtype)
         self.blocks = [ViTBlock(cfg, **prec) for _ in range(cfg.num_layers)]  # named blocks_{i}
-        self.norm = layer_norm(cfg.layer_norm_eps, **prec)
-        if cfg.num_labels > 0:
-            self.head = dense(cfg.num_labels, ("embed", "classes"), **prec)
-            if cfg.dist_head:
-                self.head_dist = dense(cfg.num_labels, ("embed", "classes"), **prec)
+        self.setup_norm_and_head()
+        if cfg.dist_head:
+            self.head_dist = dense(cfg.num_labels, ("embed", "classes"), **prec)
 
     def embed(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] -> tokens [B, T, d], prefix tokens first (CLS, then DeiT's distillation)."""
@@ -285,12 +311,6 @@ class ViT(nn.Module):
             logits = (logits + self.head_dist(x[:, 1])) / 2
         return logits
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        x = self.embed(images)
-        for i in range(self.config.num_layers):
-            x, _ = self.block(i, x)
-        return self.classify(x)
-
 
 # ---------------------------------------------------------------------------------------
 # Staged view for the FiPS pipeline.
@@ -306,7 +326,7 @@ class ImageArchitecture:
     `block(i, x) -> (out, mlp_in)` and `classify(x)`. ctx is None; images are `[B, H, W, C]`.
 
     A subclass names its module class (`module_cls`, built as `module_cls(config, dtype,
-    param_dtype)`) and its block count; the config gives `image_size`, `num_channels`, `activation`.
+    param_dtype)`); the config gives `num_blocks`, `image_size`, `num_channels`, `activation`.
     """
 
     is_causal_lm = False
@@ -315,6 +335,10 @@ class ImageArchitecture:
     config: Any
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_blocks
 
     @property
     def mlp_spec(self) -> base.MlpSpec:
@@ -359,10 +383,6 @@ class ViTArchitecture(ImageArchitecture):
     module_cls = ViT
 
     config: ViTConfig
-
-    @property
-    def num_blocks(self) -> int:
-        return self.config.num_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,8 @@ def create_updater(
     nm_gradual: bool = False,
     reference_parity: bool = False,
 ) -> updaters.SparsityUpdater:
-    """A sparsity updater by name.
+    """A sparsity updater by name. (Long for its flat signature and Args: every knob of every
+    algorithm is one plain config value, documented here; the body is one dispatch.)
 
     Args:
       algorithm: one of ALGORITHMS.
