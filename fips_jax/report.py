@@ -9,7 +9,7 @@ import numpy as np
 
 from fips_jax import checkpointing
 
-ROWS = (("dense", "dense"), ("per_layer_svd", "per-layer SVD"), ("fips_init", "FiPS after SVD init"),
+ROWS = (("dense", "dense"), ("per_layer_svd", "per-layer SVD"), ("fips_init", "FiPS after init"),
         ("fips_final", "FiPS final"), ("fips_finetuned", "FiPS + global fine-tuning"))
 
 

@@ -26,10 +26,13 @@ KINDS = ("json", "arrays", "parts")
 
 
 def _save_arrays(path: str, tree: dict) -> None:
-    # Collective: every process gathers the global arrays; process 0 writes them.
+    # Collective: every process gathers the global jax arrays; process 0 writes them. Host numpy
+    # arrays (a stream's state) are every process's own full copy and are written as they are.
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    flat = traverse_util.flatten_dict(multihost_utils.process_allgather(tree, tiled=True), sep="/")
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    flat = {k: multihost_utils.process_allgather(v, tiled=True) if isinstance(v, jax.Array) else v
+            for k, v in flat.items()}
     if sharding.is_writer():
         checkpointing.save_arrays(path, {k: np.asarray(v) for k, v in flat.items()})
 
@@ -112,13 +115,14 @@ class Run:
             self.log(f"[{label}] ...")
         t0 = time.perf_counter()
         result = fn()
-        self.timings[label] = time.perf_counter() - t0
+        if not quiet:  # quiet stages repeat per group; their time is in the group's stats
+            self.timings[label] = time.perf_counter() - t0
         # Computed, not yet saved: where kill tests interrupt (`FIPS_JAX_KILL_AT=stage:N` counts
         # JSON stages, i.e. evaluations; array stages are `array_stage:N`).
         checkpointing.fault_point("stage" if kind == "json" else "array_stage")
         self.save(name, result, kind)
         if not quiet:
-            self.log(f"[{label}] {self.timings[label]:.1f}s")
+            self.log(f"[{label}] {time.perf_counter() - t0:.1f}s")
         return result
 
 

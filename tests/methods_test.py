@@ -28,7 +28,7 @@ def _group(d, p, n, seed=0, tokens=2048):
 
 
 def _problem(params, layout, stats, budget=0.5, rank=8, **compare):
-    cfg = {"compare": {"damp": 0.0, "share_blocks": 2, **compare}, "fips": {"tau": 32.0, "init": "svd"}}
+    cfg = {"compare": {"damp": 0.0, "share_blocks": 2, **compare}, "fips": {"tau": 32.0, "init": "svd", "prune": "magnitude"}}
     return Problem(layout, rank, budget, params, GATED, cfg, stats)
 
 

@@ -147,7 +147,7 @@ def test_per_layer_svd_kept_counts_what_the_baseline_keeps():
 
 def test_a_ramp_that_ends_before_the_first_mask_update_runs_to_the_target(tmp_path):
     # prune_end 0.1 of 24 steps rounds to step 2, before the first mask update (update_freq 5):
-    # the ramp then ends at that update, and the "FiPS after SVD init" row (one-shot pruning at
+    # the ramp then ends at that update, and the "FiPS after init" row (one-shot pruning at
     # the target) needs no step count at all.
     cfg = _config("tiny_llama", **{"local.epochs": 6.0, "local.prune_end": 0.1, "fips.group_size": 2})
     m = pipeline.run(cfg, str(tmp_path), log=QUIET)

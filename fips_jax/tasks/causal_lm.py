@@ -181,65 +181,80 @@ def _train_parts(run, grp: _Group, name: str, parts: list, parts_loss) -> list:
     return list(zip(layouts, trained))
 
 
+def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, dict]:
+    """One group, every method: FiPS's init and local optimisation, each peer's closed form (and
+    its refinement with `compare.train`), and everyone's held-out error. Returns (FiPS's final
+    params, the group's stats)."""
+    cfg, log, g, layout, gdir = run.cfg, run.log, grp.g, grp.layout, grp.dir
+    fips_loss, parts_loss = losses_fns
+    t0 = time.perf_counter()
+    p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.problem)[0][1], "arrays", quiet=True)
+    log(f"group {g}: FiPS init ({cfg['fips']['init']}, prune {cfg['fips']['prune']}) {time.perf_counter() - t0:.1f}s")
+    p1, losses = _train_fips(run, grp, p0, fips_loss)
+    errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
+    for m in peers:
+        t_peer = time.perf_counter()
+        parts = run.stage(f"{gdir}/{m.NAME}", lambda m=m: m.init(grp.problem), "parts", quiet=True)
+        errors[m.NAME] = grp.heldout(parts)
+        log(f"group {g}: {m.NAME} {time.perf_counter() - t_peer:.1f}s")
+        if cfg["compare"]["train"]:
+            parts = run.stage(f"{gdir}/{m.NAME}_trained",
+                              lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
+            errors[f"{m.NAME}_trained"] = grp.heldout(parts)
+    calib_mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, grp.spec, grp.x, grp.y)[0]
+    return p1, {"blocks": list(layout.blocks), "rank": grp.problem.rank, "steps": grp.steps,
+                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                "heldout_rel_error": errors, "calib_mse_final": float(calib_mse)}
+
+
 def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     """Every group in turn: capture its MLP inputs, compress it with FiPS and every peer method,
-    refine, and measure the held-out error; resumes at the first unfinished group."""
-    cfg, log, spec = run.cfg, run.log, arch.mlp_spec
+    refine, and measure the held-out error; resumes at the first unfinished group, the stream
+    restored from the hidden state saved after the last finished one."""
+    cfg, log = run.cfg, run.log
     calib_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
     hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"])
     resume_at = 0
     while resume_at < len(plan) and run.done(f"groups/g{resume_at:02d}/stats"):
         resume_at += 1
     if resume_at:
-        saved = checkpointing.load_arrays(run.path("groups", f"g{resume_at - 1:02d}", "hidden_after.npz"))
+        saved = run.load(f"groups/g{resume_at - 1:02d}/hidden_after", "arrays")
         nxt = plan[resume_at - 1][0].blocks[-1] + 1
-        calib_stream.restore(saved["calib"], nxt)
-        hold_stream.restore(saved["holdout"], nxt)
+        calib_stream.restore(np.asarray(saved["calib"]), nxt)
+        hold_stream.restore(np.asarray(saved["holdout"]), nxt)
         log(f"groups 0-{resume_at - 1} done earlier; resuming at group {resume_at}")
-    fips_loss, parts_loss = _loss_fns(run, spec)
-    train_peers = cfg["compare"]["train"]
-    peer_names = [m.NAME for m in peers] + ([f"{m.NAME}_trained" for m in peers] if train_peers else [])
+    losses_fns = _loss_fns(run, arch.mlp_spec)
+    need_stats = fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers)
     final, group_stats = {}, []
     for g, (layout, rank) in enumerate(plan):
         gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
         if g < resume_at:
-            final[name] = run.load(f"{gdir}/final", "arrays")
-            group_stats.append(run.load(f"{gdir}/stats"))
-            continue
-        t0 = time.perf_counter()
-        grp = _Group(run, arch, params, layout, rank, g, calib_stream.advance(layout.blocks),
-                     hold_stream.advance(layout.blocks), fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers))
-        p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.problem)[0][1], "arrays", quiet=True)
-        p1, losses = _train_fips(run, grp, p0, fips_loss)
-        errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
-        for m in peers:
-            parts = run.stage(f"{gdir}/{m.NAME}", lambda m=m: m.init(grp.problem), "parts", quiet=True)
-            errors[m.NAME] = grp.heldout(parts)
-            if train_peers:
-                parts = run.stage(f"{gdir}/{m.NAME}_trained",
-                                  lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
-                errors[f"{m.NAME}_trained"] = grp.heldout(parts)
-        stats = {"blocks": list(layout.blocks), "rank": rank, "steps": grp.steps,
-                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                 "heldout_rel_error": errors,
-                 "calib_mse_final": float(jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, spec, grp.x, grp.y)[0]),
-                 "seconds": time.perf_counter() - t0}
-        run.save(f"{gdir}/final", p1, "arrays")
-        if sharding.is_writer():
-            checkpointing.save_arrays(run.path(gdir, "hidden_after.npz"),
-                                      {"calib": calib_stream.state(), "holdout": hold_stream.state()})
-        run.save(f"{gdir}/stats", stats)
-        if g and sharding.is_writer():  # only the newest stream state is needed to resume
-            prev = run.path("groups", f"g{g - 1:02d}", "hidden_after.npz")
-            if os.path.exists(prev):
-                os.remove(prev)
-        checkpointing.fault_point("group_done")
-        log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
-            f"{k} {np.mean(v):.4f}" for k, v in errors.items()))
-        final[name] = p1
+            final[name], stats = run.load(f"{gdir}/final", "arrays"), run.load(f"{gdir}/stats")
+        else:
+            t0 = time.perf_counter()
+            grp = _Group(run, arch, params, layout, rank, g, calib_stream.advance(layout.blocks),
+                         hold_stream.advance(layout.blocks), need_stats)
+            final[name], stats = _compress_group(run, grp, peers, losses_fns)
+            stats["seconds"] = time.perf_counter() - t0
+            run.save(f"{gdir}/final", final[name], "arrays")
+            run.save(f"{gdir}/hidden_after", {"calib": calib_stream.state(), "holdout": hold_stream.state()}, "arrays")
+            run.save(f"{gdir}/stats", stats)
+            if g and sharding.is_writer():  # only the newest stream state is needed to resume
+                prev = run.file(f"groups/g{g - 1:02d}/hidden_after", "arrays")
+                if os.path.exists(prev):
+                    os.remove(prev)
+            checkpointing.fault_point("group_done")
+            log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
+                f"{k} {np.mean(v):.4f}" for k, v in stats["heldout_rel_error"].items()))
         group_stats.append(stats)
+    return _calibrated(run, plan, dat, peers, final, group_stats)
 
+
+def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: list) -> Calibrated:
+    """The variants to evaluate, each loaded from the stage store only when it is evaluated."""
+    cfg = run.cfg
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
+    peer_names = [m.NAME for m in peers] + ([f"{m.NAME}_trained" for m in peers] if cfg["compare"]["train"] else [])
 
     def peer(key):
         return lambda: [pt for g in range(len(plan)) for pt in run.load(f"groups/g{g:02d}/{key}", "parts")]
