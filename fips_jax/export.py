@@ -217,8 +217,7 @@ def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -
     params = tree["base"]
     for g in manifest["groups"]:
         p = tree["fips"][g["name"]]
-        layout = grouping.GroupLayout(tuple(g["blocks"]), tuple(g["fc_names"]), tuple(g["transposed"]),
-                                      tuple(tuple(r) for r in g["fc_paths"]), g["d"], g["p"])
+        layout = grouping.GroupLayout.from_json(g)
         for path, k in factors.group_kernels(p, layout).items():
             params = base.set_path(params, path, jnp.asarray(k))
         if "bias" in p:

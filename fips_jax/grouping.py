@@ -88,6 +88,12 @@ class GroupLayout:
     def dense_weights(self) -> int:
         return self.n_blocks * self.n_fcs * self.d * self.p
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "GroupLayout":
+        """The layout from its JSON form (lists for tuples; extra keys such as a manifest's are ignored)."""
+        return cls(tuple(d["blocks"]), tuple(d["fc_names"]), tuple(d["transposed"]),
+                   tuple(tuple(row) for row in d["fc_paths"]), d["d"], d["p"])
+
 
 def group_layout(params: Mapping[str, Any], spec: base.MlpSpec, mlp_path_of, blocks: Sequence[int], *, group: Any = 0) -> GroupLayout:
     """Check that every FC of every block in the group is `d x p` (after transposing fc2/down)

@@ -43,29 +43,18 @@ def load_arrays(path: str) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _parts_tree(parts: list) -> dict:
-    layouts = json.dumps([dataclasses.asdict(layout) for layout, _ in parts])
-    return {"layouts": np.asarray(layouts), **{f"part{i:03d}": p for i, (_, p) in enumerate(parts)}}
-
-
-def _tree_parts(tree: dict) -> list:
-    layouts = [grouping.GroupLayout(**{k: tuple(tuple(r) if isinstance(r, list) else r for r in v)
-                                       if isinstance(v, list) else v for k, v in d.items()})
-               for d in json.loads(str(tree.pop("layouts")))]
-    return [(layout, tree[f"part{i:03d}"]) for i, layout in enumerate(layouts)]
-
-
 def save_parts(path: str, parts: list) -> None:
-    _save_arrays(path, _parts_tree(parts))
+    """Factor parts [(GroupLayout, params)]: the params as arrays, the layouts as one JSON string."""
+    layouts = json.dumps([dataclasses.asdict(layout) for layout, _ in parts])
+    _save_arrays(path, {"layouts": np.asarray(layouts), **{f"part{i:03d}": p for i, (_, p) in enumerate(parts)}})
 
 
 def load_parts(path: str) -> list:
     """[(GroupLayout, params)] as `save_parts` wrote them."""
     flat = checkpointing.load_arrays(path)
-    layouts = flat.pop("layouts")
+    layouts = [grouping.GroupLayout.from_json(d) for d in json.loads(str(flat.pop("layouts")))]
     tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
-    tree["layouts"] = layouts
-    return _tree_parts(tree)
+    return [(layout, tree[f"part{i:03d}"]) for i, layout in enumerate(layouts)]
 
 
 class Run:
@@ -130,6 +119,3 @@ def shardings_of(run: Run, spec, tree: dict) -> dict:
     """{name: NamedShardings of its group params} by the run's mesh and rules."""
     return {n: sharding.group_shardings(p, run.mesh, run.rules, spec.fc_names, spec.transposed) for n, p in tree.items()}
 
-
-def jax_tree(tree: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.asarray, tree)

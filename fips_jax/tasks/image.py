@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import calib_stats, calibration, data, factors, local_opt, sharding
+from fips_jax import calib_stats, calibration, data, factors, local_opt, stages
 from fips_jax.data import images as image_data
 from fips_jax.evaluators import classification, features
 from fips_jax.methods import GroupStats, Problem
@@ -130,8 +130,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
 
     def train():
         steps = max(int(round(cfg["local"]["epochs"] * -(-dat.calib.shape[0] // batch))), 1)
-        p_sh = {n: sharding.group_shardings(p, run.mesh, run.rules, arch.mlp_spec.fc_names, arch.mlp_spec.transposed)
-                for n, p in p0.items()}
+        p_sh = stages.shardings_of(run, arch.mlp_spec, p0)
         return local_opt.train(p0, loss_fn, (jnp.asarray(dat.calib), params), fips.local_config(cfg, steps),
                                run.path("groups", "loop"), checkpoint_every=cfg["checkpoint_every"], log=log,
                                name="local", on_step=run.on_step, param_shardings=p_sh)
@@ -146,7 +145,9 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     p1 = run.stage("groups/final", train_and_keep_losses, "arrays", quiet=True)
     variants: dict[str, Any] = {"dense": None}
     for m in peers:
-        variants[m.NAME] = lambda m=m: [pt for n in names for pt in m.init(problems[n])]
+        # Closed form, computed once: held-out error, evaluation and the budget all read it.
+        parts = [pt for n in names for pt in m.init(problems[n])]
+        variants[m.NAME] = lambda parts=parts: parts
     one_shot = fips.one_shot(p0, cfg)
     variants["fips_init"] = lambda: [(layouts[n], one_shot[n]) for n in names]
     variants["fips_final"] = lambda: [(layouts[n], p1[n]) for n in names]
