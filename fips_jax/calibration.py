@@ -41,10 +41,11 @@ class HiddenStream:
         self.next_block = 0
         self._fns: dict[int, Callable] = {}
 
-    def advance(self, blocks: Sequence[int]) -> np.ndarray:
+    def advance(self, blocks: Sequence[int], with_outputs: bool = False):
         """Run `blocks` (which must continue where the stream is) and return their MLP inputs
-        flattened over tokens: [len(blocks), n_tokens, d], float32."""
-        mlp_ins = []
+        flattened over tokens: [len(blocks), n_tokens, d], float32; with `with_outputs`, also
+        each block's output, flattened the same way: (inputs, outputs)."""
+        mlp_ins, block_outs = [], []
         for i in blocks:
             if i != self.next_block:
                 raise ValueError(f"hidden stream is at block {self.next_block}, asked for block {i}")
@@ -56,8 +57,10 @@ class HiddenStream:
                 ins.append(np.asarray(mlp_in, np.float32).reshape(-1, mlp_in.shape[-1]))
             self.hidden = outs
             mlp_ins.append(np.concatenate(ins))
+            if with_outputs:
+                block_outs.append(np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs]).astype(np.float32))
             self.next_block += 1
-        return np.stack(mlp_ins)
+        return (np.stack(mlp_ins), np.stack(block_outs)) if with_outputs else np.stack(mlp_ins)
 
     def state(self) -> np.ndarray:
         return np.concatenate(self.hidden)

@@ -81,6 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Operand dtype of the LLM local loss's matmuls: float32 | bfloat16 (params, optimiser state,
     # activations' sums and the loss stay float32; bfloat16 changes the results).
     c.local.compute_dtype = "float32"
+    # LLM calibration inputs: teacher (every group is fitted on the dense model's activations,
+    # SPEC §4) | student (FiPS's groups on the inputs its own compressed earlier groups produce,
+    # so later groups see, and can correct, the error made upstream; peers keep the teacher's).
+    c.local.inputs = "teacher"
+    # student: weight of the drift correction in FiPS's target. 0: the dense MLP applied to the
+    # student's inputs; 1: the MLP output that puts each block's output back on the teacher's.
+    c.local.drift = 1.0
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.
@@ -101,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
         update_freq=50,
         algorithm="rigl",         # rigl | static (keeps the mask; required after local.algorithm=nm)
         loss="kd",                # kd (match the dense model) | mse | ce (next token / labels)
-        temperature=1.0))
+        temperature=1.0,
+        compute_dtype="float32"))  # LLMs: bfloat16 products with float32 accumulation (faster steps)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 4

@@ -96,22 +96,40 @@ def _steps(n_items: int, batch: int, epochs: float) -> int:
 class _Group:
     """One group's calibration problem: inputs, targets, statistics and the training of parts."""
 
-    def __init__(self, run, arch, params, layout, rank, g, x, xh, peers_need_stats):
+    def __init__(self, run, arch, params, layout, rank, g, x, xh, need_stats, student=None):
+        """x, xh: the teacher's MLP inputs of the calibration and held-out tokens. `student`:
+        (inputs, drift) of the calibration tokens as FiPS's compressed earlier groups produce
+        them, drift = teacher's block outputs - the student's with this group dense
+        (`local.inputs=student`); FiPS is then fitted on them, the peers on the teacher's.
+        need_stats: (peers need them, FiPS needs them)."""
         cfg, spec = run.cfg, arch.mlp_spec
         self.run, self.spec, self.layout, self.g = run, spec, layout, g
         self.dir = f"groups/g{g:02d}"
         act_sh = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, run.mesh, run.rules, x)
+        targets = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)
+        teacher = local_opt.stack_dense_mlps(params, layout)
+
+        def grams_of(inputs):
+            grams = calib_stats.group_input_grams(spec, teacher, inputs)
+            return GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
+
+        peers_need, fips_need = need_stats
         self.x = sharding.put(x, act_sh)
         self.xh = jnp.asarray(xh)
-        teacher = local_opt.stack_dense_mlps(params, layout)
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
-        self.y = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)(spec, teacher, self.x)
+        self.y = targets(spec, teacher, self.x)
         self.yh = local_opt.mlp_targets(spec, teacher, self.xh)
-        stats = None
-        if peers_need_stats:
-            grams = calib_stats.group_input_grams(spec, teacher, x)
-            stats = GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
+        stats = grams_of(x) if peers_need or (fips_need and student is None) else None
         self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
+        if student is None:
+            self.fips_x, self.fips_y, self.fips_problem = self.x, self.y, self.problem
+        else:
+            xs, drift = student
+            self.fips_x = sharding.put(xs, act_sh)
+            y = targets(spec, teacher, self.fips_x)
+            alpha = float(cfg["local"]["drift"])
+            self.fips_y = y + alpha * sharding.put(drift, act_sh) if alpha else y
+            self.fips_problem = dataclasses.replace(self.problem, stats=grams_of(xs) if fips_need else None)
         self.steps = _steps(x.shape[1], min(cfg["local"]["batch_tokens"], x.shape[1]), cfg["local"]["epochs"])
 
     def heldout(self, parts: list) -> list[float]:
@@ -150,7 +168,7 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
     mode = cfg["fips"]["mode"]
     if mode == "joint":
         p_sh = sharding.group_shardings(p0, run.mesh, run.rules, grp.spec.fc_names, grp.spec.transposed)
-        return local_opt.train(p0, loss_fn, (grp.x, grp.y), lcfg, os.path.join(gdir, "loop"),
+        return local_opt.train(p0, loss_fn, (grp.fips_x, grp.fips_y), lcfg, os.path.join(gdir, "loop"),
                                name=f"group {grp.g}", param_shardings=p_sh, **kw)
     if mode != "sequential":
         raise ValueError(f"fips.mode {mode!r} not in ('joint', 'sequential')")
@@ -159,7 +177,7 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
         sub = {"u": p1["u"], "v": p1["v"][b:b + 1]}
         if "bias" in p1:
             sub["bias"] = {k: v[b:b + 1] for k, v in p1["bias"].items()}
-        sub, lb = local_opt.train(sub, loss_fn, (grp.x[b:b + 1], grp.y[b:b + 1]), lcfg,
+        sub, lb = local_opt.train(sub, loss_fn, (grp.fips_x[b:b + 1], grp.fips_y[b:b + 1]), lcfg,
                                   os.path.join(gdir, f"loop_b{b}"), name=f"group {grp.g} block {grp.layout.blocks[b]}",
                                   **kw)
         new = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
@@ -188,7 +206,7 @@ def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, di
     cfg, log, g, layout, gdir = run.cfg, run.log, grp.g, grp.layout, grp.dir
     fips_loss, parts_loss = losses_fns
     t0 = time.perf_counter()
-    p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.problem)[0][1], "arrays", quiet=True)
+    p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.fips_problem)[0][1], "arrays", quiet=True)
     log(f"group {g}: FiPS init ({cfg['fips']['init']}, prune {cfg['fips']['prune']}) {time.perf_counter() - t0:.1f}s")
     p1, losses = _train_fips(run, grp, p0, fips_loss)
     errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
@@ -201,10 +219,25 @@ def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, di
             parts = run.stage(f"{gdir}/{m.NAME}_trained",
                               lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
             errors[f"{m.NAME}_trained"] = grp.heldout(parts)
-    calib_mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, grp.spec, grp.x, grp.y)[0]
+    calib_mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, grp.spec, grp.fips_x, grp.fips_y)[0]
     return p1, {"blocks": list(layout.blocks), "rank": grp.problem.rank, "steps": grp.steps,
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                 "heldout_rel_error": errors, "calib_mse_final": float(calib_mse)}
+
+
+def _student_inputs(cfg: dict, arch) -> bool:
+    """Whether FiPS is fitted on its own compressed model's activations (`local.inputs`)."""
+    inputs, drift = cfg["local"]["inputs"], float(cfg["local"]["drift"])
+    if inputs not in ("teacher", "student"):
+        raise ValueError(f"local.inputs {inputs!r} not in ('teacher', 'student')")
+    if not 0.0 <= drift <= 1.0:
+        raise ValueError(f"local.drift {drift} must be in [0, 1]")
+    if inputs == "student" and drift and getattr(getattr(arch, "spec", None), "post_norms", False):
+        # The correction is made in MLP-output space: exact only where the MLP's output is added
+        # to the residual stream as it is; a post-MLP norm sits between them.
+        raise ValueError("local.drift > 0 needs an MLP output added to the residual stream as it is; this model "
+                         "normalises it first (post-MLP norm): use local.drift=0")
+    return inputs == "student"
 
 
 def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
@@ -212,8 +245,12 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     refine, and measure the held-out error; resumes at the first unfinished group, the stream
     restored from the hidden state saved after the last finished one."""
     cfg, log = run.cfg, run.log
+    student = _student_inputs(cfg, arch)
     calib_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
     hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"])
+    # local.inputs=student: a second stream through FiPS's compressed model (dense from the
+    # current group on); `student_params` gains each group's factors as it finishes.
+    student_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"]) if student else None
     resume_at = 0
     while resume_at < len(plan) and run.done(f"groups/g{resume_at:02d}/stats"):
         resume_at += 1
@@ -222,22 +259,42 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
         nxt = plan[resume_at - 1][0].blocks[-1] + 1
         calib_stream.restore(np.asarray(saved["calib"]), nxt)
         hold_stream.restore(np.asarray(saved["holdout"]), nxt)
+        if student:
+            if "student" not in saved:
+                raise ValueError(f"{run.path('groups')}: the finished groups were calibrated with local.inputs=teacher; "
+                                 "resume with that setting or start a new workdir")
+            student_stream.restore(np.asarray(saved["student"]), nxt)
         log(f"groups 0-{resume_at - 1} done earlier; resuming at group {resume_at}")
     losses_fns = _loss_fns(run, arch.mlp_spec)
-    need_stats = fips.needs_stats(cfg) or any(m.NEEDS_STATS for m in peers)
+    need_stats = (any(m.NEEDS_STATS for m in peers), fips.needs_stats(cfg))
     final, group_stats = {}, []
     for g, (layout, rank) in enumerate(plan):
         gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
         if g < resume_at:
             final[name], stats = run.load(f"{gdir}/final", "arrays"), run.load(f"{gdir}/stats")
+            if student:
+                student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
         else:
             t0 = time.perf_counter()
-            grp = _Group(run, arch, params, layout, rank, g, calib_stream.advance(layout.blocks),
-                         hold_stream.advance(layout.blocks), need_stats)
+            if student:
+                entry = student_stream.state()
+                x, out_teacher = calib_stream.advance(layout.blocks, with_outputs=True)
+                xs, out_student = student_stream.advance(layout.blocks, with_outputs=True)
+                student_in = (xs, out_teacher - out_student)
+            else:
+                x, student_in = calib_stream.advance(layout.blocks), None
+            grp = _Group(run, arch, params, layout, rank, g, x, hold_stream.advance(layout.blocks), need_stats,
+                         student_in)
             final[name], stats = _compress_group(run, grp, peers, losses_fns)
+            saved = {"calib": calib_stream.state(), "holdout": hold_stream.state()}
+            if student:  # the group again, now compressed: the next group's inputs
+                student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
+                student_stream.restore(entry, layout.blocks[0])
+                student_stream.advance(layout.blocks)
+                saved["student"] = student_stream.state()
             stats["seconds"] = time.perf_counter() - t0
             run.save(f"{gdir}/final", final[name], "arrays")
-            run.save(f"{gdir}/hidden_after", {"calib": calib_stream.state(), "holdout": hold_stream.state()}, "arrays")
+            run.save(f"{gdir}/hidden_after", saved, "arrays")
             run.save(f"{gdir}/stats", stats)
             if g and sharding.is_writer():  # only the newest stream state is needed to resume
                 prev = run.file(f"groups/g{g - 1:02d}/hidden_after", "arrays")
