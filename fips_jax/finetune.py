@@ -40,6 +40,7 @@ LOSSES = ("kd", "mse", "ce")
 # pattern that RigL's unstructured swaps would break.
 ALGORITHMS = ("rigl", "static")
 OUTPUTS = ("logits", "features")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 CONFIG_KEYS = ("enabled", "epochs", "batch", "lr", "end_lr", "weight_decay", "drop_fraction", "update_freq",
                "loss", "temperature")
 
@@ -59,6 +60,9 @@ class FinetuneConfig:
     loss: str = "kd"           # kd | mse | ce
     temperature: float = 1.0   # kd on logits
     algorithm: str = "rigl"    # rigl | static
+    # Operand dtype of the student's and the teacher's dense products (float32 accumulation,
+    # params and optimiser state float32): bfloat16 makes a step ~2x faster on CPU.
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -71,6 +75,8 @@ class FinetuneConfig:
             raise ValueError(f"finetune batch must be >= 1, got {self.batch}")
         if self.temperature <= 0:
             raise ValueError(f"finetune temperature must be > 0, got {self.temperature}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"finetune compute_dtype {self.compute_dtype!r} not in {COMPUTE_DTYPES}")
         # A weight grown by RigL starts at 0, the smallest magnitude: with a mask update every
         # step it would be dropped again before it ever moved.
         if self.algorithm == "rigl" and self.update_freq < 2:
@@ -94,7 +100,19 @@ def from_config(ft: Mapping[str, Any], n_inputs: int) -> FinetuneConfig | None:
     return FinetuneConfig(
         steps=steps, lr=float(ft["lr"]), end_lr=float(ft["end_lr"]), weight_decay=float(ft["weight_decay"]),
         drop_fraction=float(ft["drop_fraction"]), update_freq=int(ft["update_freq"]), batch=batch,
-        loss=str(ft["loss"]), temperature=float(ft["temperature"]), algorithm=str(ft.get("algorithm", "rigl")))
+        loss=str(ft["loss"]), temperature=float(ft["temperature"]), algorithm=str(ft.get("algorithm", "rigl")),
+        compute_dtype=str(ft.get("compute_dtype", "float32")))
+
+
+def compute_arch(arch: base.Architecture, compute_dtype: str) -> base.Architecture:
+    """`arch` with its dense products in `compute_dtype` (float32 accumulation). Only the decoder
+    LLMs have the switch (`matmul_dtype`); the ViTs' reference numerics are float32."""
+    if compute_dtype == "float32":
+        return arch
+    if not (dataclasses.is_dataclass(arch) and any(f.name == "matmul_dtype" for f in dataclasses.fields(arch))):
+        raise ValueError(f"finetune.compute_dtype={compute_dtype!r} is for the decoder LLMs; {arch.name} "
+                         "fine-tunes in float32")
+    return dataclasses.replace(arch, matmul_dtype=jnp.dtype(compute_dtype))
 
 
 def output_kind(arch: base.Architecture) -> str:
@@ -137,6 +155,7 @@ def make_loss(arch: base.Architecture, layouts: Mapping[str, grouping.GroupLayou
     `local_opt.train`. Dense params are an argument, not a closure, so jit does not bake the
     model into the program as constants."""
     names = list(layouts)
+    arch = compute_arch(arch, cfg.compute_dtype)
 
     def loss_fn(params, step, inputs, dense, labels=None):
         idx = local_opt.minibatch_indices(key, step, inputs.shape[0], batch)

@@ -226,3 +226,26 @@ def test_from_config():
     assert finetune.from_config({**block, "enabled": False}, 20) is None
     with pytest.raises(ValueError, match=r"lacks \['temperature'\]"):
         finetune.from_config({k: v for k, v in block.items() if k != "temperature"}, 20)
+
+
+def test_bfloat16_products_fine_tune_like_float32(llama, tmp_path):
+    """compute_dtype=bfloat16 rounds the operands of every dense product (student and teacher)
+    and accumulates in float32: same loss curve up to that rounding, same outcome."""
+    r = llama
+    out, losses = finetune.finetune(r["arch"], r["params"], r["layouts"], r["groups"], r["tokens"],
+                                    _cfg(compute_dtype="bfloat16"), str(tmp_path / "ck"), checkpoint_every=1000,
+                                    log=QUIET)
+    # Step 0: same params, only the rounding differs (8 mantissa bits: ~0.4% per operand).
+    np.testing.assert_allclose(losses[0], r["losses"][0], rtol=3e-2)
+    assert np.mean(losses[-5:]) < losses[0] / 2, (losses[0], losses[-5:])
+    kl0, _ = _heldout(r["arch"], r["params"], r["layouts"], r["groups"], r["held"])
+    kl32, _ = _heldout(r["arch"], r["params"], r["layouts"], r["out"], r["held"])
+    kl16, _ = _heldout(r["arch"], r["params"], r["layouts"], out, r["held"])
+    assert kl16 < 0.75 * kl0 and abs(kl16 - kl32) < 0.25 * kl32, (kl0, kl32, kl16)
+
+
+def test_bfloat16_compute_is_refused_for_vits_and_unknown_dtypes():
+    with pytest.raises(ValueError, match=r"compute_dtype 'float16' not in \('float32', 'bfloat16'\)"):
+        finetune.FinetuneConfig(steps=10, compute_dtype="float16")
+    with pytest.raises(ValueError, match="compute_dtype='bfloat16' is for the decoder LLMs; vit"):
+        finetune.compute_arch(registry.from_hf_config(VIT), "bfloat16")
