@@ -35,8 +35,10 @@ with it replaced by a no-op, and with the sparsifier's mask update on no step (t
 schedule before its first update) or on every step (delta_t 1, t_accel 0). LLM cases only (their
 loop names the gate/up/down projections). Modules their imports need that are not installed
 are replaced by empty stand-ins (`_AUTHORS_STUBS`: experiment tracking, config and launch
-tooling, and deepspeed, whose one use is for ZeRO-3 sharded weights), none on the timed path;
-their config (omegaconf) is a dict with attribute access.
+tooling, and deepspeed, whose one use is for ZeRO-3 sharded weights); of them only wandb.log
+runs in the loop, once per MLP at its epoch end (a no-op here, and cancelled by the difference).
+Their config (omegaconf) is a dict with attribute access. torch.cuda calls in their loop are
+no-ops on a CPU-only torch.
 
 No assertion: figures. With --json the last line is one JSON object (`cases`: one entry per
 case, mode and mask update; `peaks`).
