@@ -2,6 +2,7 @@
 
     python benchmarks/local_step.py [--cases smollm2,deit_b] [--modes joint,sequential]
                                     [--reps 3] [--compute-dtype float32] [--reference] [--json]
+                                    [--authors-repo PATH [--sparsimony-repo PATH]]
 
 Cases (one group each, GMP to 75% with AdamW, as `local_opt.train` runs it):
   smollm2  d 576, p 1536, 6 blocks, 3 FCs (SiLU-gated), rank 1063, 1024 positions per block;
@@ -22,6 +23,23 @@ MLP at a time: W = U V_t from the masked V_t, MSE of the MLP output, backward, t
 re-mask), with and without a `gc.collect()` after each step as their loop has; it is a
 description-level reimplementation for timing, not their code.
 
+--authors-repo=PATH [--sparsimony-repo=PATH] times the authors' own code from a checkout of
+github.com/cemuyuk/FiPS (and of github.com/mklasby/sparsimony, by default PATH/third_party/
+sparsimony): their `training.distil_llm_local.train_per_mlp` loop, run as written on one group
+of a random `transformers` Llama whose MLPs have the case's shapes, compressed by their
+`sd2s.lrm.SMModel` to the case's rank (their `p_budget` chosen so that their `compute_sparse_r`
+gives it), AdamW and their GMP sparsifier (global, 75%), the case's positions per step. Their
+seconds per group step are the difference of two runs of that loop, with 1 and 1 + 2 * reps
+steps per MLP (their per-MLP set-up and logging cancel), taken with their `gc.collect()` and
+with it replaced by a no-op, and with the sparsifier's mask update on no step (their default
+schedule before its first update) or on every step (delta_t 1, t_accel 0). LLM cases only (their
+loop names the gate/up/down projections). Modules their imports need that are not installed
+are replaced by empty stand-ins (`_AUTHORS_STUBS`: experiment tracking, config and launch
+tooling, and deepspeed, whose one use is for ZeRO-3 sharded weights); of them only wandb.log
+runs in the loop, once per MLP at its epoch end (a no-op here, and cancelled by the difference).
+Their config (omegaconf) is a dict with attribute access. torch.cuda calls in their loop are
+no-ops on a CPU-only torch.
+
 No assertion: figures. With --json the last line is one JSON object (`cases`: one entry per
 case, mode and mask update; `peaks`).
 """
@@ -29,11 +47,15 @@ case, mode and mask update; `peaks`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
+import io
 import json
 import os
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +209,124 @@ def time_reference_step(case: dict, tokens: int, reps: int, collect: bool) -> fl
     return _median_time(group_step, reps)
 
 
+# Modules the authors' imports name that this timing does not use, replaced by empty stand-ins
+# when not installed: {module: attributes}.
+_AUTHORS_STUBS = {
+    "deepspeed": {},                      # sparsimony: only for ZeRO-3 sharded weights
+    "deepspeed.utils": {},
+    "omegaconf": {"DictConfig": dict, "OmegaConf": None},  # annotations; OmegaConf in their main()
+    "wandb": {"log": lambda *a, **k: None, "login": lambda *a, **k: None},
+    "wandb.sdk": {},
+    "wandb.sdk.wandb_run": {"Run": object},
+    "pytorch_lightning": {},              # seed_everything, only in their main()
+    "dotenv": {},                         # only in their __main__
+    "hydra": {"main": lambda *a, **k: (lambda f: f)},
+    "datasets": {"load_dataset": None},   # only in their main()
+}
+
+
+class _Config(dict):
+    """A dict with attribute reads and writes, as their loop uses its omegaconf config."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    __setattr__ = dict.__setitem__
+
+    @classmethod
+    def of(cls, tree):
+        return cls({k: cls.of(v) for k, v in tree.items()}) if isinstance(tree, dict) else tree
+
+
+def _import_authors(authors_repo: str, sparsimony_repo: str):
+    """Their `training.distil_llm_local` and `sd2s.lrm` from the user's checkouts; returns the
+    two modules and the names stubbed."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    stubbed = []
+    for name, attrs in _AUTHORS_STUBS.items():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            sys.modules[name] = module
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(sys.modules[parent], child, module)
+            stubbed.append(name)
+    sys.path[:0] = [os.path.abspath(authors_repo), os.path.abspath(sparsimony_repo)]
+    distil = importlib.import_module("training.distil_llm_local")
+    lrm = importlib.import_module("sd2s.lrm")
+    return distil, lrm, stubbed
+
+
+def time_authors_step(case: dict, tokens: int, reps: int, authors_repo: str, sparsimony_repo: str) -> dict | None:
+    """Seconds per group step of the authors' `train_per_mlp` (module docstring), keyed
+    `{mask_update}_{with_gc|without_gc}`, plus `stubbed` and `rank`; None for a case their
+    loop does not train (not gated)."""
+    if not case["spec"].gated:
+        return None
+    import torch  # pylint: disable=import-outside-toplevel
+    from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+    distil, lrm, stubbed = _import_authors(authors_repo, sparsimony_repo)
+    from sd2s.utils import compute_sparse_r  # pylint: disable=import-outside-toplevel
+
+    d, p, n, spec = case["d"], case["p"], case["blocks"], case["spec"]
+    f, sparsity = len(spec.fc_names), 0.75
+    r = case["rank"] or budget.rank_for_budget(d, p, n, f, 0.5, sparsity)
+    # Their rank formula, inverted so that it gives ours.
+    p_budget = (r + 0.5) * (4 * f * d * n * (1 - sparsity) + d) / (4 * f * n * d**2)
+    assert compute_sparse_r(n_blocks=n, d=d, p_budget=p_budget, sparsity=sparsity, num_ffs=f) == r
+    torch.manual_seed(0)
+    heads = max(h for h in range(1, 17) if d % h == 0 and (d // h) % 2 == 0)
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=p, num_hidden_layers=n,
+                                      num_attention_heads=heads, num_key_value_heads=heads,
+                                      vocab_size=256, hidden_act="silu"))
+    model_cfg = _Config.of(dict(
+        p_budget=p_budget, sparsity=sparsity, structured_sparsity=False, block_fqn_prefix="layers",
+        layer_fqn_suffixes=["up_proj", "down_proj", "gate_proj"],
+        normalization=dict(in_place=False, fqn=None, apply_before_idx=None),
+        block_group_indices={"block_group_1": list(range(n))}, concat_axis=1, mask=True, base_requires_grad=True))
+    template = lrm.SMModel(model_cfg, hf)
+    template.train()
+    real_gc = distil.gc
+
+    def run(steps: int, collect: bool, mask_update: bool) -> float:
+        # One positions-per-step batch per step and MLP, one epoch.
+        acts = {f"model.layers.{b}.mlp": (torch.randn(steps * tokens, d), torch.randn(steps * tokens, d))
+                for b in range(n)}
+        cfg = _Config.of(dict(
+            training=dict(num_epochs=1, hooks=dict(num_batches=steps)), data=dict(batch_size=tokens),
+            optimizer=dict(name="AdamW", kwargs=dict(lr=1e-3, weight_decay=0.05),
+                           scheduler=dict(name="CosineAnnealingLR", kwargs=dict(T_max=steps, eta_min=1e-5))),
+            sparsifier=dict(name="gradual", sparsity=sparsity, global_pruning=True, grown_weights_init=0,
+                            pruning_ratio=0.1, initial_sparsity=0.25, accelerated_sparsity=0.5,
+                            final_sparsity=sparsity, t_accel=0 if mask_update else 200,
+                            scheduler=dict(delta_t=1 if mask_update else 50, t_end_coeff=1.0))))
+        model = copy.deepcopy(template)
+        distil.gc = real_gc if collect else types.SimpleNamespace(collect=lambda *a: 0)
+        try:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                distil.train_per_mlp(cfg=cfg, c_model=model, original_model_activations=acts, step=0,
+                                     device=torch.device("cpu"))
+            return time.perf_counter() - t0
+        finally:
+            distil.gc = real_gc
+
+    out = {"stubbed": stubbed, "rank": r}
+    extra = 2 * reps
+    run(1, True, True)  # warm-up: lazy initialisation in torch and their modules
+    for mask_update in (False, True):
+        for collect in (False, True):
+            short, long = run(1, collect, mask_update), run(1 + extra, collect, mask_update)
+            out[f"{'mask' if mask_update else 'plain'}_{'with_gc' if collect else 'without_gc'}"] = (long - short) / extra
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="smollm2,deit_b")
@@ -197,7 +337,12 @@ def main():
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--reference", action="store_true", help="also time the PyTorch per-MLP step")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--authors-repo", help="a checkout of github.com/cemuyuk/FiPS: also time their per-MLP loop")
+    ap.add_argument("--sparsimony-repo", help="a checkout of github.com/mklasby/sparsimony "
+                    "(default: AUTHORS_REPO/third_party/sparsimony)")
     args = ap.parse_args()
+    sparsimony_repo = args.sparsimony_repo or (
+        os.path.join(args.authors_repo, "third_party", "sparsimony") if args.authors_repo else None)
 
     peaks = {"xla_fp32": xla_matmul_gflops(jnp.float32, args.peak_size, args.reps),
              "xla_bf16": xla_matmul_gflops(jnp.bfloat16, args.peak_size, args.reps),
@@ -219,6 +364,9 @@ def main():
         if args.reference:
             ref = {"with_gc": time_reference_step(case, tokens, args.reps, collect=True),
                    "without_gc": time_reference_step(case, tokens, args.reps, collect=False)}
+        authors = None
+        if args.authors_repo:
+            authors = time_authors_step(case, tokens, args.reps, args.authors_repo, sparsimony_repo)
         for mode in args.modes.split(","):
             # On a shared machine the peak moves with the load: measured again next to each timing.
             xla_peak = float(np.median([peaks["xla_fp32"], xla_matmul_gflops(jnp.float32, args.peak_size, args.reps)]))
@@ -241,6 +389,12 @@ def main():
                     row["reference_group_step_s"] = ref
                     row["speedup_vs_reference_without_gc"] = ref["without_gc"] / group_s
                     row["speedup_vs_reference_with_gc"] = ref["with_gc"] / group_s
+                if authors is not None:
+                    kind = "mask" if update else "plain"
+                    row["authors_group_step_s"] = {k: v for k, v in authors.items() if k.startswith(kind)}
+                    row["authors_stubbed_modules"] = authors["stubbed"]
+                    row["speedup_vs_authors_without_gc"] = authors[f"{kind}_without_gc"] / group_s
+                    row["speedup_vs_authors_with_gc"] = authors[f"{kind}_with_gc"] / group_s
                 rows.append(row)
                 tf = f"{row['fraction_of_torch_peak']:6.0%}" if row["fraction_of_torch_peak"] else "   n/a"
                 print(f"{name:8} {mode:10} {'yes' if update else 'no':4} {t['rank']:5d} {step_s:8.3f} "
@@ -253,6 +407,18 @@ def main():
                     print(f"  ours {row['mode']:10} mask {'yes' if row['mask_update'] else 'no ':3}: "
                           f"{row['speedup_vs_reference_without_gc']:.2f}x (no gc), "
                           f"{row['speedup_vs_reference_with_gc']:.2f}x (with gc)")
+        if authors is not None:
+            print(f"{name}: the authors' train_per_mlp (rank {authors['rank']}), group step: no mask update "
+                  f"{authors['plain_without_gc']:.3f}s without gc.collect, {authors['plain_with_gc']:.3f}s with it; "
+                  f"mask update every step {authors['mask_without_gc']:.3f}s / {authors['mask_with_gc']:.3f}s"
+                  + (f" (stand-ins for: {', '.join(authors['stubbed'])})" if authors["stubbed"] else ""))
+            for row in rows:
+                if row["case"] == name:
+                    print(f"  ours {row['mode']:10} mask {'yes' if row['mask_update'] else 'no ':3}: "
+                          f"{row['speedup_vs_authors_without_gc']:.2f}x (their step without gc), "
+                          f"{row['speedup_vs_authors_with_gc']:.2f}x (as written, with gc)")
+        elif args.authors_repo:
+            print(f"{name}: the authors' per-MLP loop trains gated (LLM) MLPs only; not timed")
     if args.json:
         print(json.dumps({"peaks": peaks, "jax": jax.__version__, "cases": rows}))
 

@@ -168,3 +168,36 @@ def test_mask_updates_of_an_8b_group_trace_past_int32(algorithm):
     state = jax.eval_shape(tx.init, params)
     updates, _ = jax.eval_shape(tx.update, params, state, params)
     assert updates["v"].shape == params["v"].shape
+
+
+def test_large_leaves_with_many_ties_match_argsort():
+    """Leaves big enough for every way `_count` folds a leaf (leading axes, a split last axis,
+    none), scores with many ties among continuous ones, so that the threshold falls on a tie
+    inside a leaf at some keeps; keeps from 0 to n, global and per tensor."""
+    rng = np.random.default_rng(7)
+    shapes = [(6, 3, 37, 64), None, (101, 96), (4099,), (2, 5000), (3, 5)]
+    assert mk._fold_axes((6, 3, 37, 64)) == ((0, 1), 1) and mk._fold_axes((101, 96)) == ((), 32)
+    assert mk._fold_axes((4099,)) == ((), 1) and mk._fold_axes((2, 5000)) == ((), 25)
+    ties = np.float32([0.0, -0.0, 0.125, 0.5, 3.0, -np.inf])
+    scores = []
+    for shape in shapes:
+        if shape is None:
+            scores.append(None)
+            continue
+        s = np.abs(rng.standard_normal(shape)).astype(np.float32)
+        tied = rng.random(shape) < 0.6
+        scores.append(np.where(tied, rng.choice(ties, size=shape), s))
+    n = sum(s.size for s in scores if s is not None)
+    flat = np.concatenate([s.ravel() for s in scores if s is not None])
+    # Keeps at which the threshold is each tied value: the first kept, the middle, the last.
+    order = np.sort(-flat + np.float32(0.0), kind="stable")
+    at_ties = [int(np.searchsorted(order, -v, side=side)) + off for v in ties[2:5]
+               for side, off in (("left", 1), ("left", 17), ("right", -1))]
+    keeps = sorted({0, 1, n - 1, n, *at_ties, *rng.integers(0, n + 1, size=4).tolist()})
+    for keep in keeps:
+        _check(_global(scores, jnp.int32(keep)), _reference(scores, keep, "global"))
+    for _ in range(3):
+        per_leaf = [None if s is None else int(rng.integers(0, s.size + 1)) for s in scores]
+        per_leaf[0], per_leaf[2] = 0, scores[2].size
+        _check(_per_tensor(scores, [None if k is None else jnp.int32(k) for k in per_leaf]),
+               _reference(scores, per_leaf, "per_tensor"))

@@ -14,9 +14,10 @@ are broken deterministically: the entry earlier in (leaf order, row-major index)
 
 Top-k never sorts: a V group of an 8B model holds 1.4e9-2.7e9 entries, more than int32 ranks can
 count, and a global argsort would need several int32 copies of it on one device. Instead
-`topk_masks` bisects a threshold on the 32-bit order key of the float32 scores with count
-reductions, then bisects the flat index of the one leaf where the ties run out. Memory is the
-bool masks; it works leaf by leaf on sharded arrays (no concatenation, gather or scatter).
+`topk_masks` searches a threshold on the 32-bit order key of the float32 scores with count
+reductions (two bits per pass: three candidate counts), then searches the flat index of the one
+leaf where the ties run out. The order keys replace the scores (the same memory) and the masks
+are bool; it works leaf by leaf on sharded arrays (no concatenation, gather or scatter).
 Limit: one top-k (all sparse leaves for the global scope) < 2**32 entries (uint32 counts and
 flat indices); each axis of a leaf < 2**31.
 """
@@ -159,19 +160,46 @@ def _order_key(s: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(magnitude > jnp.uint32(_INF_BITS), jnp.uint32(0), key)
 
 
+# A count reduces a predicate in two stages: first over a few axes (at most _FOLD entries per
+# output, so XLA:CPU fuses the predicate into that reduction), then the small partial array. One
+# reduction over all axes of a large array is rewritten by XLA:CPU into a tree of reduce-windows
+# that first writes the predicate out as a full int32 array: 4-7x slower per pass.
+_FOLD = 32
+
+
+def _fold_axes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """How `_count` folds a leaf of `shape`: (leading axes to reduce first, split of the last
+    axis into (size // g, g) to reduce first), one of them trivial ((), 1).
+
+    Leading axes come first (no reshape, so a sharded leaf keeps its layout), when their
+    product is in [8, _FOLD]; else the largest divisor g <= _FOLD of the last axis, if >= 8."""
+    lead, prod = [], 1
+    for axis, dim in enumerate(shape[:-1]):
+        if prod * dim > _FOLD:
+            break
+        lead.append(axis)
+        prod *= dim
+    if prod >= 8:
+        return tuple(lead), 1
+    g = max((g for g in range(1, _FOLD + 1) if shape and shape[-1] % g == 0), default=1)
+    return (), (g if g >= 8 else 1)
+
+
 def _count(pred: jnp.ndarray) -> jnp.ndarray:
-    """uint32 number of True entries; exact because one leaf has < 2**31 entries."""
-    return jnp.sum(pred, dtype=jnp.uint32)
-
-
-def _loop_reads(arrays: Any, varying: Any) -> tuple[Any, Any]:
-    """Ties `arrays` to this iteration's `varying` values.
-
-    Without it XLA hoists loop-invariant work (the order key of every score) out of the loop
-    and keeps it as full-size uint32 copies; through the barrier it is recomputed in each pass,
-    fused into the count.
-    """
-    return jax.lax.optimization_barrier((arrays, varying))
+    """uint32 number of True entries; exact because one leaf has < 2**32 entries and a first
+    stage sums at most _FOLD of them."""
+    if pred.size <= 4096 or pred.ndim == 0:
+        return jnp.sum(pred, dtype=jnp.uint32)
+    lead, g = _fold_axes(pred.shape)
+    if lead:
+        partial = jnp.sum(pred, axis=lead, dtype=jnp.int32)
+    elif g > 1:
+        split = pred.reshape(pred.shape[:-1] + (pred.shape[-1] // g, g))
+        partial = jnp.sum(split, axis=-1, dtype=jnp.int32)
+    else:
+        return jnp.sum(pred, dtype=jnp.uint32)
+    # The barrier keeps XLA from merging the two stages back into one reduction.
+    return jnp.sum(jax.lax.optimization_barrier(partial), dtype=jnp.uint32)
 
 
 def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
@@ -197,76 +225,108 @@ def _group_size(leaves: list[jnp.ndarray]) -> int:
     return n
 
 
+# Bits of the threshold decided per pass over the keys: 2**b - 1 candidate thresholds are
+# counted in each pass (see `_topk_groups`).
+_BITS_PER_PASS = 2
+
+
+def _pass_widths(bits: int, per_pass: int) -> list[int]:
+    """Bits decided by each pass, from the top: e.g. 32, 3 -> [3] * 10 + [2]."""
+    return [min(per_pass, bits - i) for i in range(0, bits, per_pass)]
+
+
+def _pick(values: list[jnp.ndarray], j: jnp.ndarray) -> jnp.ndarray:
+    """values[j] for a traced j, as a select chain (no gather)."""
+    out = values[0]
+    for i, v in enumerate(values[1:], 1):
+        out = jnp.where(j == i, v, out)
+    return out
+
+
 # Jitted here, unlike most library functions: eager callers (`tx.init`, `instant_sparsify`
-# outside jit) would otherwise retrace its loops on every call; inside a caller's jit it inlines.
+# outside jit) would otherwise retrace on every call; inside a caller's jit it inlines.
 @jax.jit
 def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list[list[jnp.ndarray]]:
     """Per group, bool masks of its `k` highest scores, the group's leaves taken in order.
 
-    ks: uint32 counts in [0, group size]. Passes over each score: 32 (threshold bisection)
-    + 1 (masks), plus up to ceil(log2(leaf size)) over the one leaf per group in which the
-    entries tied at the threshold run out.
+    ks: uint32 counts in [0, group size]. The scores are turned into order keys once (the same
+    memory as the scores, which are dead after); then passes over the keys: 32 / _BITS_PER_PASS
+    (threshold search) + 1 (masks), plus up to ceil(log2(leaf size)) / _BITS_PER_PASS over the
+    one leaf per group in which the entries tied at the threshold run out (none when no tie
+    is split, as for magnitudes of float weights).
     """
+    keys = [[_order_key(s) for s in leaves] for leaves in groups]
 
-    # Largest key t per group with count(key >= t) >= k, one bit per pass from the top (for
-    # k = 0 it ends at 2**32 - 1, above every key). Per leaf it also keeps count(key >= t), the
-    # counts of the last accepted candidate (t itself), and count(key > t), those of the last
-    # rejected one (t + 1: that bit of t stays 0 and every lower bit is accepted after it).
-    def refine(i, state):
-        bit = jnp.uint32(1) << (31 - i).astype(jnp.uint32)
-        cands = [t | bit for t, _, _ in state]
-        leaves_now, cands_now = _loop_reads(groups, cands)
-        out = []
-        for leaves, c, k, (t, at_least, above) in zip(leaves_now, cands_now, ks, state):
-            counts = [_count(_order_key(s) >= c) for s in leaves]
-            ok = sum(counts) >= k
-            out.append((
-                jnp.where(ok, c, t),
-                [jnp.where(ok, n, old) for n, old in zip(counts, at_least)],
-                [jnp.where(ok, old, n) for n, old in zip(counts, above)],
-            ))
-        return out
-
-    start = [
+    # Largest key t per group with count(key >= t) >= k, b bits per pass from the top: the
+    # candidates t | j << shift (j = 1 .. 2**b - 1) are counted together and the largest j
+    # whose count is >= k is taken (for k = 0 t ends at 2**32 - 1, above every key). Per leaf
+    # it also keeps count(key >= t), the counts of the last accepted candidate, and
+    # count(key > t), those of the smallest rejected one (every lower bit is accepted after it).
+    state = [
         (jnp.uint32(0), [jnp.uint32(s.size) for s in leaves], [jnp.uint32(0) for _ in leaves])
-        for leaves in groups
+        for leaves in keys
     ]
+    shift = 32
+    for width in _pass_widths(32, _BITS_PER_PASS):
+        shift -= width
+        new_state = []
+        for leaves, k, (t, at_least, above) in zip(keys, ks, state):
+            cands = [t | jnp.uint32(j << shift) for j in range(1, 2**width)]
+            counts = [[_count(key >= c) for key in leaves] for c in cands]  # [cand][leaf]
+            # Totals fall as j grows, so the accepted candidates are a prefix: j* = their number.
+            j = sum((sum(per_leaf) >= k).astype(jnp.int32) for per_leaf in counts)
+            new_t = t | (j.astype(jnp.uint32) << jnp.uint32(shift))
+            new_state.append((
+                new_t,
+                [_pick([a] + [c[i] for c in counts], j) for i, a in enumerate(at_least)],
+                [_pick([c[i] for c in counts] + [b], j) for i, b in enumerate(above)],
+            ))
+        state = new_state
+
     masks = []
-    for leaves, k, (t, at_least, above) in zip(groups, ks, jax.lax.fori_loop(0, 32, refine, start)):
+    for leaves, k, (t, at_least, above) in zip(keys, ks, state):
         # Ties to keep: k - count(key > t) <= count(key == t), handed out in leaf order.
         left = k - sum(above)
         group_masks = []
-        for s, n_at_least, n_above in zip(leaves, at_least, above):
+        for key, n_at_least, n_above in zip(leaves, at_least, above):
             n_ties = n_at_least - n_above
             take = jnp.minimum(left, n_ties)
             left = left - take
-            cut = _tie_cut(s, t, take, n_ties)
-            key = _order_key(s)
-            group_masks.append((key > t) | ((key == t) & _index_below(s.shape, cut)))
+            cut = _tie_cut(key, t, take, n_ties)
+            group_masks.append((key > t) | ((key == t) & _index_below(key.shape, cut)))
         masks.append(group_masks)
     return masks
 
 
-def _tie_cut(s: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
-    """uint32 p such that the entries of `s` with key t and flat index < p are the first `take`
-    (take, ties: uint32).
+def _tie_cut(key: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
+    """uint32 p such that the entries of `key` equal to t with flat index < p are the first
+    `take` (take, ties: uint32).
 
-    Bisects the flat index only where 0 < take < ties; elsewhere the loop runs no pass.
+    Searches the flat index, _BITS_PER_PASS bits per pass, only where 0 < take < ties;
+    elsewhere the loop runs no pass.
     """
-    nbits = max(s.size - 1, 0).bit_length()
+    nbits = max(key.size - 1, 0).bit_length()
+    per_pass = _BITS_PER_PASS
+    tied = key == t
 
     def refine(state):
         b, q = state  # q: the largest index with fewer than `take` ties before it, so far
-        b = b - 1
-        cand = q | (jnp.uint32(1) << b.astype(jnp.uint32))
-        s_now, cand_now = _loop_reads(s, cand)
-        before = _count((_order_key(s_now) == t) & _index_below(s.shape, cand_now))
-        return b, jnp.where(before < take, cand, q)
+        width = jnp.minimum(b, per_pass)
+        b = b - width
+        shift = b.astype(jnp.uint32)
+        # Candidates q | j << shift, j = 1 .. 2**width - 1 (those past the width repeat the
+        # last one, which changes no count); accepted while fewer than `take` ties lie before.
+        j_max = (jnp.uint32(1) << width.astype(jnp.uint32)) - jnp.uint32(1)
+        cands = [q | (jnp.minimum(jnp.uint32(j), j_max) << shift) for j in range(1, 2**per_pass)]
+        tied_now, cands_now = jax.lax.optimization_barrier((tied, cands))
+        j = sum((_count(tied_now & _index_below(key.shape, c)) < take).astype(jnp.uint32) for c in cands_now)
+        j = jnp.minimum(j, j_max)
+        return b, q | (j << shift)
 
     partial = (take > 0) & (take < ties)
     start = (jnp.where(partial, nbits, 0).astype(jnp.int32), jnp.uint32(0))
     _, q = jax.lax.while_loop(lambda state: state[0] > 0, refine, start)
-    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(s.size)))
+    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(key.size)))
 
 
 def _index_below(shape: tuple[int, ...], p: jnp.ndarray) -> jnp.ndarray:
