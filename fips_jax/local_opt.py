@@ -87,6 +87,7 @@ def mlp_outputs(ws: jax.Array, bias: Mapping[str, jax.Array] | None, spec: base.
     """Every block's MLP output [n, T, d] from its materialised FCs ws [n, F, d, p] (biases
     {fc: [n, out]} or None) on its inputs x [n, T, d]. compute_dtype: see `mlp_group_loss`."""
     cd = jnp.dtype(compute_dtype)
+    x = x.astype(jnp.float32)  # inputs may come in the model's dtype (bfloat16): upcast exactly
     # split, not per-FC indexing: its transpose concatenates the FCs' weight gradients into
     # one [n, F, d, p] array instead of adding one zero-padded full-size copy per FC.
     w_fc = [w[:, 0] for w in jnp.split(ws, len(spec.fc_names), axis=1)]
@@ -225,6 +226,45 @@ def minibatch_indices(key: jax.Array, step: jax.Array, n_tokens: int, batch: int
     return jax.lax.dynamic_slice_in_dim(perm, j * batch, min(batch, n_tokens))
 
 
+class HostBatches:
+    """Minibatches of host arrays fed to `train` one step at a time.
+
+    arrays: host (numpy) arrays [n, T, ...] sharing the token axis 1, in any dtype (the model's:
+    the step casts and accumulates in float32). Step s gets `a[:, idx]` of each, idx the positions
+    `minibatch_indices(key, s, T, batch)` gives (the same tokens a step that gathers on the device
+    would take), put on the device with `sharding_for(shape)` (None: the default device). Only
+    minibatches ever reach the device; `train` asks for step s + 1 while step s runs.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], key: jax.Array, batch: int,
+                 sharding_for: Callable[[tuple[int, ...]], Any] | None = None):
+        self.arrays = tuple(arrays)
+        self.n_tokens = int(self.arrays[0].shape[1])
+        self.batch = min(int(batch), self.n_tokens)
+        self.key, self.sharding_for = key, sharding_for
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def indices(self, step: int) -> np.ndarray:
+        """`minibatch_indices(key, step, T, batch)` on the host, one permutation per epoch."""
+        per_epoch = max(self.n_tokens // self.batch, 1)
+        epoch, j = divmod(int(step), per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.n_tokens)
+            self._perm = (epoch, np.asarray(perm))
+        return self._perm[1][j * self.batch:(j + 1) * self.batch]
+
+    def __call__(self, step: int) -> tuple[jax.Array, ...]:
+        from fips_jax import sharding  # pylint: disable=import-outside-toplevel
+
+        idx = self.indices(step)
+        out = []
+        for a in self.arrays:
+            mb = np.ascontiguousarray(a[:, idx])
+            sh = None if self.sharding_for is None else self.sharding_for(mb.shape)
+            out.append(jax.device_put(mb) if sh is None else sharding.put(mb, sh))
+        return tuple(out)
+
+
 class Interrupted(Exception):
     """Raised by a step hook to stop a run (tests use it to simulate a kill)."""
 
@@ -248,9 +288,14 @@ def train(
     name: str = "local",
     on_step: Callable[[int, float], None] | None = None,
     param_shardings: Any = None,
+    feed: Callable[[int], tuple] | None = None,
 ) -> tuple[Params, list[float]]:
-    """Run `cfg.steps` updates of `loss_fn(params, step, *consts) -> (loss, aux)`, resuming from
-    the latest checkpoint in `ckpt_dir` if there is one.
+    """Run `cfg.steps` updates of `loss_fn(params, step, *feed(step), *consts) -> (loss, aux)`,
+    resuming from the latest checkpoint in `ckpt_dir` if there is one.
+
+    feed: per-step arguments (e.g. `HostBatches`: a minibatch put on the device), a function of
+    the step number; the next step's are prepared while the current step runs (jax dispatches
+    the step asynchronously). None: no per-step arguments.
 
     The minibatch is a function of the step number (see `minibatch_indices`), so a resumed run
     computes exactly what an uninterrupted one would. Returns the final params and the loss at
@@ -301,9 +346,14 @@ def train(
     steps = {u: _compiled_step(loss_fn, cfg, u, out_shardings) for u in (False, True)}
     t0 = time.perf_counter()
     saved_at = start
+    nxt = feed(start) if feed is not None and start < cfg.steps else ()
     for step in range(start, cfg.steps):
         step_fn = steps[updater.host_is_update_step(step)]
-        params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *consts)
+        batch = nxt
+        params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *batch, *consts)
+        del batch
+        # Prefetch: the next minibatch is gathered and sent while this step runs.
+        nxt = feed(step + 1) if feed is not None and step + 1 < cfg.steps else ()
         losses.append(float(loss))
         done = step + 1
         finite = np.asarray(finite)

@@ -94,51 +94,85 @@ def _steps(n_items: int, batch: int, epochs: float) -> int:
 
 
 class _Group:
-    """One group's calibration problem: inputs, targets, statistics and the training of parts."""
+    """One group's calibration problem: inputs, targets, statistics and the training of parts.
+
+    The MLP inputs x and targets y [n, T, d] stay on the host in the model's dtype (the stream's);
+    training steps receive one minibatch each (`batches`), so nothing of their size is held on
+    the device."""
 
     def __init__(self, run, arch, params, layout, rank, g, x, xh, peers_need_stats):
         cfg, spec = run.cfg, arch.mlp_spec
         self.run, self.spec, self.layout, self.g = run, spec, layout, g
         self.dir = f"groups/g{g:02d}"
-        act_sh = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, run.mesh, run.rules, x)
-        self.x = sharding.put(x, act_sh)
-        self.xh = jnp.asarray(xh)
+        self.x, self.xh = np.asarray(x), np.asarray(xh)
+        self.batch = min(cfg["local"]["batch_tokens"], self.x.shape[1])
         teacher = local_opt.stack_dense_mlps(params, layout)
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
-        self.y = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)(spec, teacher, self.x)
-        self.yh = local_opt.mlp_targets(spec, teacher, self.xh)
+        self.y = self._targets(teacher, self.x, self.x.dtype)
+        self.yh = self._targets(teacher, self.xh, np.float32)
         stats = None
         if peers_need_stats:
-            grams = calib_stats.group_input_grams(spec, teacher, x)
+            grams = calib_stats.group_input_grams(spec, teacher, self.x)
             stats = GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
         self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
-        self.steps = _steps(x.shape[1], min(cfg["local"]["batch_tokens"], x.shape[1]), cfg["local"]["epochs"])
+        self.steps = _steps(x.shape[1], self.batch, cfg["local"]["epochs"])
+
+    def act_sharding(self, shape):
+        return sharding.logical_to_sharding(sharding.ACTIVATION_AXES, self.run.mesh, self.run.rules,
+                                            jax.ShapeDtypeStruct(shape, self.x.dtype))
+
+    def _targets(self, teacher, x: np.ndarray, dtype) -> np.ndarray:
+        """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
+        tokens at a time and kept on the host in `dtype`."""
+        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(dtype),
+                     out_shardings=jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec()))
+        y = np.empty(x.shape, dtype)
+        for s in range(0, x.shape[1], self.batch):
+            xb = x[:, s:s + self.batch]
+            y[:, s:s + self.batch] = np.asarray(fn(teacher, sharding.put(xb, self.act_sharding(xb.shape))))
+        return y
+
+    def batches(self, key, blocks: slice = slice(None)) -> local_opt.HostBatches:
+        """The training minibatches of `blocks`: (x, y) gathered on the host per step."""
+        return local_opt.HostBatches((self.x[blocks], self.y[blocks]), key, self.batch, self.act_sharding)
+
+    def calib_mse(self, params: dict, compute_dtype) -> float:
+        """`mlp_group_loss` of params over every calibration token, a minibatch at a time."""
+        fn = jax.jit(lambda p, xb, yb: local_opt.mlp_group_loss(p, self.spec, xb, yb, compute_dtype)[1])
+        sq = np.zeros(self.layout.n_blocks)
+        for s in range(0, self.x.shape[1], self.batch):
+            xb, yb = self.x[:, s:s + self.batch], self.y[:, s:s + self.batch]
+            sq += np.asarray(fn(params, sharding.put(xb, self.act_sharding(xb.shape)),
+                                sharding.put(yb, self.act_sharding(yb.shape))), np.float64) * xb.shape[1]
+        return float(np.mean(sq / self.x.shape[1]))
 
     def heldout(self, parts: list) -> list[float]:
         ws, bias = factors.part_weights(parts, self.layout)
-        out = local_opt.mlp_outputs(ws, bias, self.spec, self.xh)
+        out = local_opt.mlp_outputs(ws, bias, self.spec, jnp.asarray(self.xh))
         return [relative_error(out[b], self.yh[b]) for b in range(self.layout.n_blocks)]
 
 
 def _loss_fns(run, spec):
     """The FiPS loss, one function for every group: `local_opt.train` reuses its compiled step
-    across groups (and blocks, in sequential mode) of the same shapes."""
-    cfg = run.cfg
-    key = jax.random.PRNGKey(cfg["seed"])
-    batch = cfg["local"]["batch_tokens"]
-    compute_dtype = jnp.dtype(cfg["local"].get("compute_dtype", "float32"))
+    across groups (and blocks, in sequential mode) of the same shapes. Each step's minibatch
+    (x, y) [n, batch, d] comes from `_Group.batches` (`local_opt.minibatch_indices` on the host)."""
+    compute_dtype = jnp.dtype(run.cfg["local"].get("compute_dtype", "float32"))
 
     def fips_loss(p, step, x, y):
-        idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
-        return local_opt.mlp_group_loss(p, spec, x[:, idx], y[:, idx], compute_dtype)
+        del step
+        return local_opt.mlp_group_loss(p, spec, x, y, compute_dtype)
 
     def parts_loss(part_layouts, layout):
         def loss(p, step, x, y):
-            idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
-            return local_opt.mlp_parts_loss(p, part_layouts, layout, spec, x[:, idx], y[:, idx], compute_dtype)
+            del step
+            return local_opt.mlp_parts_loss(p, part_layouts, layout, spec, x, y, compute_dtype)
         return loss
 
     return fips_loss, parts_loss
+
+
+def _batch_key(run):
+    return jax.random.PRNGKey(run.cfg["seed"])
 
 
 def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]:
@@ -150,8 +184,8 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
     mode = cfg["fips"]["mode"]
     if mode == "joint":
         p_sh = sharding.group_shardings(p0, run.mesh, run.rules, grp.spec.fc_names, grp.spec.transposed)
-        return local_opt.train(p0, loss_fn, (grp.x, grp.y), lcfg, os.path.join(gdir, "loop"),
-                               name=f"group {grp.g}", param_shardings=p_sh, **kw)
+        return local_opt.train(p0, loss_fn, (), lcfg, os.path.join(gdir, "loop"), name=f"group {grp.g}",
+                               param_shardings=p_sh, feed=grp.batches(_batch_key(run)), **kw)
     if mode != "sequential":
         raise ValueError(f"fips.mode {mode!r} not in ('joint', 'sequential')")
     p1, losses = dict(p0), []
@@ -159,9 +193,9 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
         sub = {"u": p1["u"], "v": p1["v"][b:b + 1]}
         if "bias" in p1:
             sub["bias"] = {k: v[b:b + 1] for k, v in p1["bias"].items()}
-        sub, lb = local_opt.train(sub, loss_fn, (grp.x[b:b + 1], grp.y[b:b + 1]), lcfg,
-                                  os.path.join(gdir, f"loop_b{b}"), name=f"group {grp.g} block {grp.layout.blocks[b]}",
-                                  **kw)
+        sub, lb = local_opt.train(sub, loss_fn, (), lcfg, os.path.join(gdir, f"loop_b{b}"),
+                                  name=f"group {grp.g} block {grp.layout.blocks[b]}",
+                                  feed=grp.batches(_batch_key(run), slice(b, b + 1)), **kw)
         new = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
         if "bias" in sub:
             new["bias"] = {k: p1["bias"][k].at[b].set(sub["bias"][k][0]) for k in sub["bias"]}
@@ -175,9 +209,10 @@ def _train_parts(run, grp: _Group, name: str, parts: list, parts_loss) -> list:
     optimiser, dense factors (`compare.train`)."""
     lcfg = dataclasses.replace(fips.local_config(run.cfg, grp.steps), algorithm="dense", sparsity=0.0)
     layouts = tuple(layout for layout, _ in parts)
-    trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (grp.x, grp.y), lcfg,
+    trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (), lcfg,
                                  run.path(grp.dir, f"{name}_loop"), checkpoint_every=run.cfg["checkpoint_every"],
-                                 log=run.log, name=f"group {grp.g} {name}", on_step=run.on_step)
+                                 log=run.log, name=f"group {grp.g} {name}", on_step=run.on_step,
+                                 feed=grp.batches(_batch_key(run)))
     return list(zip(layouts, trained))
 
 
@@ -201,7 +236,7 @@ def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, di
             parts = run.stage(f"{gdir}/{m.NAME}_trained",
                               lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
             errors[f"{m.NAME}_trained"] = grp.heldout(parts)
-    calib_mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, grp.spec, grp.x, grp.y)[0]
+    calib_mse = grp.calib_mse(p1, jnp.float32)
     return p1, {"blocks": list(layout.blocks), "rank": grp.problem.rank, "steps": grp.steps,
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                 "heldout_rel_error": errors, "calib_mse_final": float(calib_mse)}
