@@ -9,10 +9,14 @@ array is placed by the logical-axis rules of a real run (`sharding.DEFAULT_RULES
 `{"data": 1, "fsdp": <devices>, "tensor": 1}` of each target, and per-device sizes are the shard
 shapes those rules give, so an array the rules fail to split shows up at full size.
 
+The group's MLP inputs and targets stay on the host in the model's dtype (bfloat16 here) and each
+step receives one minibatch `[n, batch_tokens, d]` of each (`local_opt.HostBatches`); the device
+holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`.
+
 Temporaries of the local step are not guessed: the real jitted step (`local_opt.make_step` on
-`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings) is lowered and compiled
-for the target's device count on fake CPU devices, and XLA's memory analysis gives the
-per-device temporary bytes. The CPU backend partitions like the accelerators do (same SPMD
+`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a bfloat16
+minibatch) is lowered and compiled for the target's device count on fake CPU devices, and XLA's
+memory analysis gives the per-device temporary bytes. The CPU backend partitions like the accelerators do (same SPMD
 partitioner), but its buffer assignment is not theirs: read those rows as close estimates.
 """
 
@@ -111,8 +115,8 @@ def _sum(name: str, shape: str, rows: list[Row], factor: int = 1) -> Row:
                {t: factor * sum(r.per_device[t] for r in rows) for t in rows[0].per_device})
 
 
-def step_memory(arch, d: int, p: int, n: int, rank: int, tokens: int, cfg, algorithm: str, mesh,
-                init: bool = False) -> Any:
+def step_memory(arch, d: int, p: int, n: int, rank: int, batch: int, cfg, algorithm: str, mesh,
+                init: bool = False, act_dtype: Any = jnp.bfloat16) -> Any:
     """XLA's memory analysis of the compiled, sharded local step for one group (nothing runs);
     `init=True`: of the optimiser's initialisation instead (which computes the first masks)."""
     f = len(arch.mlp_spec.fc_names)
@@ -127,14 +131,13 @@ def step_memory(arch, d: int, p: int, n: int, rank: int, tokens: int, cfg, algor
     osh = sharding.shadow_shardings(opt_state, params, psh)
     if init:
         return jax.jit(tx.init, in_shardings=(psh,), out_shardings=osh).lower(params).compile().memory_analysis()
-    x = jax.ShapeDtypeStruct((n, tokens, d), jnp.float32)
+    x = jax.ShapeDtypeStruct((n, batch, d), act_dtype)  # one minibatch, as `HostBatches` feeds it
     act = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, mesh, sharding.DEFAULT_RULES, x)
     rep = NamedSharding(mesh, PartitionSpec())
-    key, batch = jax.random.PRNGKey(0), cfg.local.batch_tokens
 
     def loss_fn(p_, step, x_, y_):
-        idx = local_opt.minibatch_indices(key, step, x_.shape[1], batch)
-        return local_opt.mlp_group_loss(p_, spec, x_[:, idx], y_[:, idx])
+        del step
+        return local_opt.mlp_group_loss(p_, spec, x_, y_, block_remat=bool(cfg.local.get("block_remat", False)))
 
     step = jax.jit(local_opt.make_step(loss_fn, tx, updater), in_shardings=(psh, osh, rep, act, act),
                    out_shardings=(psh, osh, rep, rep), donate_argnums=(0, 1))
@@ -159,8 +162,9 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     v = _placed("V", sds(n, f, rank, p), sharding.V_AXES, jnp.float32, meshes)
     masks = _placed("V masks", sds(n, f, rank, p), sharding.V_AXES, jnp.bool_, meshes)
     adam = _sum("Adam mu + nu", "2 x (U + V)", [u, v], 2)
-    calib = _placed("MLP inputs + targets", sds(n, tokens, d), sharding.ACTIVATION_AXES, jnp.float32, meshes)
-    calib = _sum("MLP inputs + targets", f"2 x [{n}, {tokens}, {d}]", [calib], 2)
+    batch = cfg.local.batch_tokens
+    mb = _placed("minibatch", sds(n, batch, d), sharding.ACTIVATION_AXES, jnp.bfloat16, meshes)
+    calib = _sum("minibatch inputs + targets, current + prefetched", f"2 x 2 x [{n}, {batch}, {d}]", [mb], 4)
     held = [u, v, masks, adam, calib]
     rows = dense + held
 
@@ -171,13 +175,13 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     for kind in xla:
         for t in TARGETS:
             try:
-                xla[kind][t.name] = step_memory(arch, d, p, n, rank, tokens, cfg, "gmp" if kind == "init" else kind,
+                xla[kind][t.name] = step_memory(arch, d, p, n, rank, batch, cfg, "gmp" if kind == "init" else kind,
                                                 meshes[t.name], init=kind == "init")
             except (OverflowError, ValueError) as e:  # e.g. more V entries than int32 indexes
                 xla[kind][t.name] = f"fails: {type(e).__name__}"
                 xla[kind]["error"] = str(e).splitlines()[0]
     args = {t.name: xla["dense"][t.name].argument_size_in_bytes for t in TARGETS}
-    rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + inputs)", "", "", None, args))
+    rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + one minibatch)", "", "", None, args))
     resident = {t.name: dense[0].per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
     for kind, label in (("init", "optimiser init (first masks)"), ("dense", "step without mask update"),
                         ("gmp", "GMP/RigL mask-update step")):
@@ -190,7 +194,7 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     host = [
         Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]", "bfloat16",
             tokens * d * 2, {}),
-        Row("one group's MLP inputs as collected (host)", f"[{n}, {tokens}, {d}]", "float32", n * tokens * d * 4, {}),
+        Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", "bfloat16", 2 * n * tokens * d * 2, {}),
     ]
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,

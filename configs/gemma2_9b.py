@@ -7,4 +7,7 @@ from fips_jax.config_base import paper_llm_config
 def get_config():
     c = paper_llm_config("google/gemma-2-9b", lr=3.125e-5, chunk=1)
     c.fips.group_size = 6
+    # One block's step temporaries at a time: what lets the group's step fit one 80 GB device
+    # (docs/memory_plan.md).
+    c.local.block_remat = True
     return c

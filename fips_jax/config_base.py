@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Operand dtype of the LLM local loss's matmuls: float32 | bfloat16 (params, optimiser state,
     # activations' sums and the loss stay float32; bfloat16 changes the results).
     c.local.compute_dtype = "float32"
+    # LLM local loss: one block at a time with its forward recomputed in the backward (step
+    # temporaries of one block instead of the group's; same loss up to float rounding).
+    c.local.block_remat = False
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.

@@ -112,8 +112,25 @@ def _mse(out: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(per_block), per_block
 
 
+def _block_remat_mses(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
+                      cd: Any) -> jax.Array:
+    """Per-block MSE [n] computed one block at a time (a loop over blocks), each block's forward
+    (its W = U V_b and MLP activations) recomputed in the backward instead of kept: the step
+    holds one block's W, activations and their gradients at a time instead of the group's."""
+    u = params["u"]
+
+    def one(args):
+        v_b, bias_b, x_b, t_b = args
+        ws = factors.group_weights(u, v_b[None], cd)
+        bias = None if bias_b is None else {k: b[None] for k, b in bias_b.items()}
+        out = mlp_outputs(ws, bias, spec, x_b[None], cd)[0]
+        return jnp.mean(jnp.square(out - t_b.astype(jnp.float32)))
+
+    return jax.lax.map(jax.checkpoint(one), (params["v"], params.get("bias"), x, targets))
+
+
 def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
-                   compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+                   compute_dtype: Any = jnp.float32, block_remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """LLM loss: MSE of each block's MLP output on the dense model's MLP inputs (teacher forcing).
 
     x, targets: [n, T, d] MLP inputs and the dense MLP's outputs on them.
@@ -122,7 +139,13 @@ def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: ja
     compute_dtype: operand dtype of the matmuls (bfloat16: float32 params cast per step); every
     product accumulates in float32 and the activations, the loss and its gradients' sums stay
     float32.
+    block_remat: blocks one at a time with their forward rematerialised (`_block_remat_mses`);
+    the same loss up to float rounding (U's gradient is summed block by block), a fraction of
+    the step's temporaries.
     """
+    if block_remat:
+        per_block = _block_remat_mses(params, spec, x, targets, jnp.dtype(compute_dtype))
+        return jnp.mean(per_block), per_block
     ws = factors.group_weights(params["u"], params["v"], jnp.dtype(compute_dtype))
     return _mse(mlp_outputs(ws, params.get("bias"), spec, x, compute_dtype), targets)
 

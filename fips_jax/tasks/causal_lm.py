@@ -157,10 +157,11 @@ def _loss_fns(run, spec):
     across groups (and blocks, in sequential mode) of the same shapes. Each step's minibatch
     (x, y) [n, batch, d] comes from `_Group.batches` (`local_opt.minibatch_indices` on the host)."""
     compute_dtype = jnp.dtype(run.cfg["local"].get("compute_dtype", "float32"))
+    remat = bool(run.cfg["local"].get("block_remat", False))
 
     def fips_loss(p, step, x, y):
         del step
-        return local_opt.mlp_group_loss(p, spec, x, y, compute_dtype)
+        return local_opt.mlp_group_loss(p, spec, x, y, compute_dtype, remat)
 
     def parts_loss(part_layouts, layout):
         def loss(p, step, x, y):
