@@ -23,6 +23,8 @@ flat indices); each axis of a leaf < 2**31.
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from typing import Any, Sequence
 
@@ -127,10 +129,42 @@ def topk_masks(scores: Sequence[Any], keep: Any, scope: str) -> list[Any]:
         groups, keeps = ([where], [keep]) if where else ([], [])
     else:
         groups, keeps = [[i] for i in where], [keep[i] for i in where]
-    groups_scores = [[_as_float32(scores[i]) for i in g] for g in groups]
-    ks = [_clip_keep(k, _group_size(leaves)) for leaves, k in zip(groups_scores, keeps)]
-    kept = _topk_groups(groups_scores, ks)
-    out: list[Any] = [None] * len(scores)
+    return _select(groups, keeps, [None if x is None else _as_float32(x) for x in scores], _plain, len(scores))
+
+
+def topk_magnitude_masks(leaves: Sequence[Any], active: Sequence[Any], keep: Any, scope: str) -> list[Any]:
+    """`topk_masks(magnitude_scores(leaves, active), keep, scope)`, the same masks, without a
+    float32 copy of the scores: every pass recomputes |w| (-inf outside `active`) from the leaf
+    and its active mask, fused into its count, so a mask update of V needs no V-sized float
+    temporary."""
+    check_scope(scope)
+    where = [i for i, w in enumerate(leaves) if w is not None]
+    if scope == "global":
+        groups, keeps = ([where], [keep]) if where else ([], [])
+    else:
+        groups, keeps = [[i] for i in where], [keep[i] for i in where]
+    items = [None if w is None else (w, a) for w, a in zip(leaves, active)]
+    return _select(groups, keeps, items, _magnitude, len(leaves))
+
+
+def _plain(s: jnp.ndarray) -> jnp.ndarray:
+    return s
+
+
+def _magnitude(item: tuple[Any, Any]) -> jnp.ndarray:
+    w, a = item
+    return jnp.where(a, jnp.abs(w).astype(jnp.float32), -jnp.inf)
+
+
+def _shape(item: Any) -> tuple[int, ...]:
+    return tuple(jax.tree.leaves(item)[0].shape)
+
+
+def _select(groups: list[list[int]], keeps: list[Any], items: list[Any], score: Any, n_out: int) -> list[Any]:
+    groups_items = [[items[i] for i in g] for g in groups]
+    ks = [_clip_keep(k, _group_size([_shape(x) for x in leaves])) for leaves, k in zip(groups_items, keeps)]
+    kept = _topk_groups(groups_items, ks, score)
+    out: list[Any] = [None] * n_out
     for g, masks in zip(groups, kept):
         for i, m in zip(g, masks):
             out[i] = m
@@ -186,12 +220,12 @@ def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
     return jnp.minimum(keep.astype(jnp.uint32), jnp.uint32(n))
 
 
-def _group_size(leaves: list[jnp.ndarray]) -> int:
+def _group_size(shapes: list[tuple[int, ...]]) -> int:
     """Entries in one top-k selection, checked against the limits of its uint32 counts."""
-    for s in leaves:
-        if any(dim >= 2**31 for dim in s.shape):
-            raise ValueError(f"top-k: a leaf of shape {s.shape} has an axis >= 2**31")
-    n = sum(s.size for s in leaves)
+    for shape in shapes:
+        if any(dim >= 2**31 for dim in shape):
+            raise ValueError(f"top-k: a leaf of shape {shape} has an axis >= 2**31")
+    n = sum(math.prod(shape) for shape in shapes)
     if n >= 2**32:
         raise ValueError(f"top-k: one selection over {n} >= 2**32 entries; use scope='per_tensor'")
     return n
@@ -199,9 +233,10 @@ def _group_size(leaves: list[jnp.ndarray]) -> int:
 
 # Jitted here, unlike most library functions: eager callers (`tx.init`, `instant_sparsify`
 # outside jit) would otherwise retrace its loops on every call; inside a caller's jit it inlines.
-@jax.jit
-def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list[list[jnp.ndarray]]:
+@functools.partial(jax.jit, static_argnums=2)
+def _topk_groups(groups: list[list[Any]], ks: list[jnp.ndarray], score: Any) -> list[list[jnp.ndarray]]:
     """Per group, bool masks of its `k` highest scores, the group's leaves taken in order.
+    A leaf is whatever `score` maps to its float32 scores (recomputed, fused, in every pass).
 
     ks: uint32 counts in [0, group size]. Passes over each score: 32 (threshold bisection)
     + 1 (masks), plus up to ceil(log2(leaf size)) over the one leaf per group in which the
@@ -218,7 +253,7 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
         leaves_now, cands_now = _loop_reads(groups, cands)
         out = []
         for leaves, c, k, (t, at_least, above) in zip(leaves_now, cands_now, ks, state):
-            counts = [_count(_order_key(s) >= c) for s in leaves]
+            counts = [_count(_order_key(score(s)) >= c) for s in leaves]
             ok = sum(counts) >= k
             out.append((
                 jnp.where(ok, c, t),
@@ -228,7 +263,7 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
         return out
 
     start = [
-        (jnp.uint32(0), [jnp.uint32(s.size) for s in leaves], [jnp.uint32(0) for _ in leaves])
+        (jnp.uint32(0), [jnp.uint32(math.prod(_shape(s))) for s in leaves], [jnp.uint32(0) for _ in leaves])
         for leaves in groups
     ]
     masks = []
@@ -240,33 +275,35 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
             n_ties = n_at_least - n_above
             take = jnp.minimum(left, n_ties)
             left = left - take
-            cut = _tie_cut(s, t, take, n_ties)
-            key = _order_key(s)
-            group_masks.append((key > t) | ((key == t) & _index_below(s.shape, cut)))
+            cut = _tie_cut(s, t, take, n_ties, score)
+            key = _order_key(score(s))
+            group_masks.append((key > t) | ((key == t) & _index_below(_shape(s), cut)))
         masks.append(group_masks)
     return masks
 
 
-def _tie_cut(s: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
-    """uint32 p such that the entries of `s` with key t and flat index < p are the first `take`
-    (take, ties: uint32).
+def _tie_cut(s: Any, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray, score: Any = _plain) -> jnp.ndarray:
+    """uint32 p such that the entries of `score(s)` with key t and flat index < p are the first
+    `take` (take, ties: uint32).
 
     Bisects the flat index only where 0 < take < ties; elsewhere the loop runs no pass.
     """
-    nbits = max(s.size - 1, 0).bit_length()
+    shape = _shape(s)
+    size = math.prod(shape)
+    nbits = max(size - 1, 0).bit_length()
 
     def refine(state):
         b, q = state  # q: the largest index with fewer than `take` ties before it, so far
         b = b - 1
         cand = q | (jnp.uint32(1) << b.astype(jnp.uint32))
         s_now, cand_now = _loop_reads(s, cand)
-        before = _count((_order_key(s_now) == t) & _index_below(s.shape, cand_now))
+        before = _count((_order_key(score(s_now)) == t) & _index_below(shape, cand_now))
         return b, jnp.where(before < take, cand, q)
 
     partial = (take > 0) & (take < ties)
     start = (jnp.where(partial, nbits, 0).astype(jnp.int32), jnp.uint32(0))
     _, q = jax.lax.while_loop(lambda state: state[0] > 0, refine, start)
-    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(s.size)))
+    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(size)))
 
 
 def _index_below(shape: tuple[int, ...], p: jnp.ndarray) -> jnp.ndarray:
