@@ -72,16 +72,17 @@ TARGETS = (Target("TPU v5e-8", 8, 16), Target("TPU v4-32", 16, 32), Target("A100
 
 # Measured once on one H100 80GB (jax 0.11.2, CUDA) with this module's `step_memory` and a real
 # optimiser initialisation, when masks were still computed by a global argsort (before
-# `masks.topk_masks` became a threshold bisection); kept as text because this script runs on CPU.
+# `masks.topk_masks` became a threshold bisection) and the step still gathered its minibatch from
+# float32 inputs held on the device; kept as text because this script runs on CPU.
 CROSS_CHECK = (
-    "One H100, Gemma-2-9B group, one device: the GPU compiler's temporaries are 15.5 GiB for the step "
-    "without a mask update and 23.7 GiB for the GMP mask-update step (27.8 and 37.8 GiB in the CPU "
-    "column above), and the GMP optimiser initialisation ran with a 21.5 GiB peak: V 6.6 GiB plus the "
-    "new state 14.9 GiB, its sort working inside the output buffers. So the CPU backend overstates "
-    "one-device temporaries by about 1.6-1.8x; with the GPU figure the A100 step without mask update "
-    "needs 17.2 + 46.1 + 15.5 = 78.8 GiB of the card's 80: no headroom. Those mask figures were taken "
-    "with the old argsort top-k, which ran on an unsharded copy of every V entry on each device; the "
-    "bisection top-k measured above has not been run on a GPU yet.")
+    "One H100, Gemma-2-9B group, one device, as the step was then (float32 inputs and targets on the "
+    "device, every block's W and activations at once, argsort top-k): the GPU compiler's temporaries "
+    "were 15.5 GiB for the step without a mask update and 23.7 GiB for the GMP mask-update step, where "
+    "the CPU backend's analysis of the same programs gave 27.8 and 37.8 GiB; the GMP optimiser "
+    "initialisation ran with a 21.5 GiB peak: V 6.6 GiB plus the new state 14.9 GiB. So the CPU "
+    "backend overstated one-device temporaries by about 1.6-1.8x; the tables above are CPU figures, "
+    "upper estimates in that sense. The present step (host-fed minibatch, block rematerialisation, "
+    "fused magnitude top-k) has not been run on a GPU yet.")
 
 
 @dataclasses.dataclass
@@ -221,8 +222,11 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
            "for the method). GiB per device on a mesh `{data: 1, fsdp: <devices>, tensor: 1}` with the "
            "default logical-axis rules of `fips_jax/sharding.py`; `total` is the unsharded size. The dense "
            "model stays resident in bfloat16 during the local step; FiPS factors, masks and optimiser state "
-           "are float32/bool as the pipeline keeps them. Rows marked XLA come from compiling the real "
-           "sharded local step for that device count (CPU backend, nothing allocated).", ""]
+           "are float32/bool as the pipeline keeps them. The group's MLP inputs and targets stay on the "
+           "host in bfloat16; the device holds the step's minibatch of them and the prefetched next one. "
+           "Rows marked XLA come from compiling the real sharded local step for that device count (CPU "
+           "backend, nothing allocated), with the run config's `local.block_remat` (on for both models).",
+           ""]
     for s, rows, host in plans:
         out += [f"## {s['model']}", "",
                 f"d {s['d']}, p {s['p']}, {s['layers']} blocks in {s['groups']} groups of {s['group_size']}, "
@@ -236,7 +240,8 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             out.append(f"| {r.name} | {r.shape} | {r.dtype} | {_cell(r.total)} | "
                        + " | ".join(_cell(r.per_device.get(t.name), t.hbm_gib, peak) for t in TARGETS) + " |")
         out.append("")
-        out.append("Host memory of the process that streams the teacher (every process, as the code stands): "
+        out.append("Host memory of the process that streams the teacher (every process, as the code stands; "
+                   "the minibatch gathers add 2 x [n, batch_tokens, d]): "
                    + "; ".join(f"{h.name.replace(' (host)', '')} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB"
                                for h in host) + ".")
         if s["gmp_error"]:
@@ -248,8 +253,19 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             "- Mask computation (optimiser init for static/GMP/RigL, and every mask-update step of GMP/RigL) "
             "finds its threshold by bisection with sharded count reductions (`masks.topk_masks`): no sort, "
             "uint32 counts up to 2**32 entries, temporaries that shrink with the devices like V does.",
-            "- MLP inputs + targets: stored in bfloat16 (the teacher's activations are bfloat16 already when the "
-            "model is) they halve; kept on the host and fed one minibatch per step, they leave the device.",
+            "- MLP inputs + targets (done): kept on the host in the model's dtype and fed one minibatch per "
+            "step (`local_opt.HostBatches`, the next one prefetched), they left the device: 40 GiB of a "
+            "Llama-3.1-8B group in float32 before.",
+            "- `local.block_remat` (on in `configs/llama3_8b.py`, `configs/gemma2_9b.py`): the loss runs one "
+            "block at a time with its forward recomputed in the backward, so the step holds one block's W, "
+            "activations and their gradients instead of the group's (Llama, one device: 34.9 -> 17.9 GiB of "
+            "temporaries). Same loss up to float rounding; off by default.",
+            "- Magnitude top-k (done): GMP/RigL mask updates and the first masks score |V| inside each "
+            "bisection pass instead of from a float32 copy of V (Llama, one device: 10 GiB less in both).",
+            "- Not done, next in size for one A100: the dense bfloat16 model (15-17 GiB) could leave the "
+            "device during the local step (the stream needs it between groups only); Adam's mu and nu "
+            "(2 x V, float32) could be kept in bfloat16 or only for V's kept entries; masks could be "
+            "bit-packed (V entries / 8 bytes instead of / 1).",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
             "roughly halve them at the cost of less sharing.",
             "- More devices on `fsdp` divide everything above except the gathered minibatch activations "
