@@ -9,13 +9,14 @@ array is placed by the logical-axis rules of a real run (`sharding.DEFAULT_RULES
 `{"data": 1, "fsdp": <devices>, "tensor": 1}` of each target, and per-device sizes are the shard
 shapes those rules give, so an array the rules fail to split shows up at full size.
 
-The group's MLP inputs and targets stay on the host in the model's dtype (bfloat16 here) and each
+The group's MLP inputs and targets stay on the host in the model's dtype (`model.dtype` of the
+configs: bfloat16) and each
 step receives one minibatch `[n, batch_tokens, d]` of each (`local_opt.HostBatches`); the device
 holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`.
 
 Temporaries of the local step are not guessed: the real jitted step (`local_opt.make_step` on
-`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a bfloat16
-minibatch) is lowered and compiled for the target's device count on fake CPU devices, and XLA's
+`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a minibatch in the
+model's dtype) is lowered and compiled for the target's device count on fake CPU devices, and XLA's
 memory analysis gives the per-device temporary bytes. The CPU backend partitions like the accelerators do (same SPMD
 partitioner), but its buffer assignment is not theirs: read those rows as close estimates.
 """
@@ -117,7 +118,7 @@ def _sum(name: str, shape: str, rows: list[Row], factor: int = 1) -> Row:
 
 
 def step_memory(arch, d: int, p: int, n: int, rank: int, batch: int, cfg, algorithm: str, mesh,
-                init: bool = False, act_dtype: Any = jnp.bfloat16) -> Any:
+                init: bool = False) -> Any:
     """XLA's memory analysis of the compiled, sharded local step for one group (nothing runs);
     `init=True`: of the optimiser's initialisation instead (which computes the first masks)."""
     f = len(arch.mlp_spec.fc_names)
@@ -132,7 +133,8 @@ def step_memory(arch, d: int, p: int, n: int, rank: int, batch: int, cfg, algori
     osh = sharding.shadow_shardings(opt_state, params, psh)
     if init:
         return jax.jit(tx.init, in_shardings=(psh,), out_shardings=osh).lower(params).compile().memory_analysis()
-    x = jax.ShapeDtypeStruct((n, batch, d), act_dtype)  # one minibatch, as `HostBatches` feeds it
+    # One minibatch in the model's dtype, as `HostBatches` feeds it.
+    x = jax.ShapeDtypeStruct((n, batch, d), jnp.dtype(cfg.model.dtype))
     act = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, mesh, sharding.DEFAULT_RULES, x)
     rep = NamedSharding(mesh, PartitionSpec())
 
@@ -164,7 +166,8 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     masks = _placed("V masks", sds(n, f, rank, p), sharding.V_AXES, jnp.bool_, meshes)
     adam = _sum("Adam mu + nu", "2 x (U + V)", [u, v], 2)
     batch = cfg.local.batch_tokens
-    mb = _placed("minibatch", sds(n, batch, d), sharding.ACTIVATION_AXES, jnp.bfloat16, meshes)
+    model_dtype = jnp.dtype(cfg.model.dtype)  # of the resident dense model and the activations
+    mb = _placed("minibatch", sds(n, batch, d), sharding.ACTIVATION_AXES, model_dtype, meshes)
     calib = _sum("minibatch inputs + targets, current + prefetched", f"2 x 2 x [{n}, {batch}, {d}]", [mb], 4)
     held = [u, v, masks, adam, calib]
     rows = dense + held
@@ -183,19 +186,21 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
                 xla[kind]["error"] = str(e).splitlines()[0]
     args = {t.name: xla["dense"][t.name].argument_size_in_bytes for t in TARGETS}
     rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + one minibatch)", "", "", None, args))
-    resident = {t.name: dense[0].per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
+    model_row = dense[0] if model_dtype == jnp.bfloat16 else dense[1]
+    resident = {t.name: model_row.per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
     for kind, label in (("init", "optimiser init (first masks)"), ("dense", "step without mask update"),
                         ("gmp", "GMP/RigL mask-update step")):
         results = {t: m for t, m in xla[kind].items() if t != "error"}
         rows.append(Row(f"temporaries, XLA, {label}", "", "", None, {
             t: m if isinstance(m, str) else m.temp_size_in_bytes for t, m in results.items()}))
-        rows.append(Row(f"**peak, {label}**", "bf16 model + arrays + temporaries", "", None, {
+        rows.append(Row(f"**peak, {label}**", f"{model_dtype.name} model + arrays + temporaries", "", None, {
             t: m if isinstance(m, str) else resident[t] + m.temp_size_in_bytes for t, m in results.items()}))
 
     host = [
-        Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]", "bfloat16",
-            tokens * d * 2, {}),
-        Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", "bfloat16", 2 * n * tokens * d * 2, {}),
+        Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]",
+            model_dtype.name, tokens * d * model_dtype.itemsize, {}),
+        Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", model_dtype.name,
+            2 * n * tokens * d * model_dtype.itemsize, {}),
     ]
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
