@@ -121,11 +121,14 @@ class _Group:
         return sharding.logical_to_sharding(sharding.ACTIVATION_AXES, self.run.mesh, self.run.rules,
                                             jax.ShapeDtypeStruct(shape, self.x.dtype))
 
+    def _replicated(self):  # what every process can read back whole
+        return jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+
     def _targets(self, teacher, x: np.ndarray, dtype) -> np.ndarray:
         """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
         tokens at a time and kept on the host in `dtype`."""
         fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(dtype),
-                     out_shardings=jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec()))
+                     out_shardings=self._replicated())
         y = np.empty(x.shape, dtype)
         for s in range(0, x.shape[1], self.batch):
             xb = x[:, s:s + self.batch]
@@ -138,7 +141,8 @@ class _Group:
 
     def calib_mse(self, params: dict, compute_dtype) -> float:
         """`mlp_group_loss` of params over every calibration token, a minibatch at a time."""
-        fn = jax.jit(lambda p, xb, yb: local_opt.mlp_group_loss(p, self.spec, xb, yb, compute_dtype)[1])
+        fn = jax.jit(lambda p, xb, yb: local_opt.mlp_group_loss(p, self.spec, xb, yb, compute_dtype)[1],
+                     out_shardings=self._replicated())
         sq = np.zeros(self.layout.n_blocks)
         for s in range(0, self.x.shape[1], self.batch):
             xb, yb = self.x[:, s:s + self.batch], self.y[:, s:s + self.batch]
