@@ -288,6 +288,19 @@ class HostBatches:
         return tuple(out)
 
 
+def _unshared(tree: Any) -> Any:
+    """`tree` with a copy of each leaf that is the same array object as an earlier leaf."""
+    seen: set[int] = set()
+
+    def one(x):
+        if id(x) in seen:
+            return jnp.array(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 class Interrupted(Exception):
     """Raised by a step hook to stop a run (tests use it to simulate a kill)."""
 
@@ -348,9 +361,11 @@ def train(
         init = jax.jit(tx.init, out_shardings=o_sh)
     else:
         init = tx.init
-    # The initial masks: the schedule's value at step 0 (GMP: 25%). Copied so that no two
-    # leaves share a buffer (the step donates each one).
-    opt_state = jax.tree_util.tree_map(jnp.array, init(params))
+    # The initial masks: the schedule's value at step 0 (GMP: 25%). A leaf that is the same
+    # array as an earlier one (e.g. one target-sparsity scalar for every leaf) is copied, since
+    # the step donates each leaf; the others are used as they are, not copied (Adam's moments
+    # are twice V).
+    opt_state = _unshared(init(params))
     params = updater.post_gradient_update(params, opt_state)
     state = {"params": params, "opt_state": opt_state}
     leaves, treedef = jax.tree_util.tree_flatten(state)
