@@ -9,10 +9,15 @@ array is placed by the logical-axis rules of a real run (`sharding.DEFAULT_RULES
 `{"data": 1, "fsdp": <devices>, "tensor": 1}` of each target, and per-device sizes are the shard
 shapes those rules give, so an array the rules fail to split shows up at full size.
 
+The group's MLP inputs and targets stay on the host in the model's dtype (`model.dtype` of the
+configs: bfloat16) and each
+step receives one minibatch `[n, batch_tokens, d]` of each (`local_opt.HostBatches`); the device
+holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`.
+
 Temporaries of the local step are not guessed: the real jitted step (`local_opt.make_step` on
-`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings) is lowered and compiled
-for the target's device count on fake CPU devices, and XLA's memory analysis gives the
-per-device temporary bytes. The CPU backend partitions like the accelerators do (same SPMD
+`mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a minibatch in the
+model's dtype) is lowered and compiled for the target's device count on fake CPU devices, and XLA's
+memory analysis gives the per-device temporary bytes. The CPU backend partitions like the accelerators do (same SPMD
 partitioner), but its buffer assignment is not theirs: read those rows as close estimates.
 """
 
@@ -68,16 +73,17 @@ TARGETS = (Target("TPU v5e-8", 8, 16), Target("TPU v4-32", 16, 32), Target("A100
 
 # Measured once on one H100 80GB (jax 0.11.2, CUDA) with this module's `step_memory` and a real
 # optimiser initialisation, when masks were still computed by a global argsort (before
-# `masks.topk_masks` became a threshold bisection); kept as text because this script runs on CPU.
+# `masks.topk_masks` became a threshold bisection) and the step still gathered its minibatch from
+# float32 inputs held on the device; kept as text because this script runs on CPU.
 CROSS_CHECK = (
-    "One H100, Gemma-2-9B group, one device: the GPU compiler's temporaries are 15.5 GiB for the step "
-    "without a mask update and 23.7 GiB for the GMP mask-update step (27.8 and 37.8 GiB in the CPU "
-    "column above), and the GMP optimiser initialisation ran with a 21.5 GiB peak: V 6.6 GiB plus the "
-    "new state 14.9 GiB, its sort working inside the output buffers. So the CPU backend overstates "
-    "one-device temporaries by about 1.6-1.8x; with the GPU figure the A100 step without mask update "
-    "needs 17.2 + 46.1 + 15.5 = 78.8 GiB of the card's 80: no headroom. Those mask figures were taken "
-    "with the old argsort top-k, which ran on an unsharded copy of every V entry on each device; the "
-    "bisection top-k measured above has not been run on a GPU yet.")
+    "One H100, Gemma-2-9B group, one device, as the step was then (float32 inputs and targets on the "
+    "device, every block's W and activations at once, argsort top-k): the GPU compiler's temporaries "
+    "were 15.5 GiB for the step without a mask update and 23.7 GiB for the GMP mask-update step, where "
+    "the CPU backend's analysis of the same programs gave 27.8 and 37.8 GiB; the GMP optimiser "
+    "initialisation ran with a 21.5 GiB peak: V 6.6 GiB plus the new state 14.9 GiB. So the CPU "
+    "backend overstated one-device temporaries by about 1.6-1.8x; the tables above are CPU figures, "
+    "upper estimates in that sense. The present step (host-fed minibatch, block rematerialisation, "
+    "fused magnitude top-k) has not been run on a GPU yet.")
 
 
 @dataclasses.dataclass
@@ -111,7 +117,7 @@ def _sum(name: str, shape: str, rows: list[Row], factor: int = 1) -> Row:
                {t: factor * sum(r.per_device[t] for r in rows) for t in rows[0].per_device})
 
 
-def step_memory(arch, d: int, p: int, n: int, rank: int, tokens: int, cfg, algorithm: str, mesh,
+def step_memory(arch, d: int, p: int, n: int, rank: int, batch: int, cfg, algorithm: str, mesh,
                 init: bool = False) -> Any:
     """XLA's memory analysis of the compiled, sharded local step for one group (nothing runs);
     `init=True`: of the optimiser's initialisation instead (which computes the first masks)."""
@@ -127,14 +133,14 @@ def step_memory(arch, d: int, p: int, n: int, rank: int, tokens: int, cfg, algor
     osh = sharding.shadow_shardings(opt_state, params, psh)
     if init:
         return jax.jit(tx.init, in_shardings=(psh,), out_shardings=osh).lower(params).compile().memory_analysis()
-    x = jax.ShapeDtypeStruct((n, tokens, d), jnp.float32)
+    # One minibatch in the model's dtype, as `HostBatches` feeds it.
+    x = jax.ShapeDtypeStruct((n, batch, d), jnp.dtype(cfg.model.dtype))
     act = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, mesh, sharding.DEFAULT_RULES, x)
     rep = NamedSharding(mesh, PartitionSpec())
-    key, batch = jax.random.PRNGKey(0), cfg.local.batch_tokens
 
     def loss_fn(p_, step, x_, y_):
-        idx = local_opt.minibatch_indices(key, step, x_.shape[1], batch)
-        return local_opt.mlp_group_loss(p_, spec, x_[:, idx], y_[:, idx])
+        del step
+        return local_opt.mlp_group_loss(p_, spec, x_, y_, block_remat=bool(cfg.local.get("block_remat", False)))
 
     step = jax.jit(local_opt.make_step(loss_fn, tx, updater), in_shardings=(psh, osh, rep, act, act),
                    out_shardings=(psh, osh, rep, rep), donate_argnums=(0, 1))
@@ -159,8 +165,10 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     v = _placed("V", sds(n, f, rank, p), sharding.V_AXES, jnp.float32, meshes)
     masks = _placed("V masks", sds(n, f, rank, p), sharding.V_AXES, jnp.bool_, meshes)
     adam = _sum("Adam mu + nu", "2 x (U + V)", [u, v], 2)
-    calib = _placed("MLP inputs + targets", sds(n, tokens, d), sharding.ACTIVATION_AXES, jnp.float32, meshes)
-    calib = _sum("MLP inputs + targets", f"2 x [{n}, {tokens}, {d}]", [calib], 2)
+    batch = cfg.local.batch_tokens
+    model_dtype = jnp.dtype(cfg.model.dtype)  # of the resident dense model and the activations
+    mb = _placed("minibatch", sds(n, batch, d), sharding.ACTIVATION_AXES, model_dtype, meshes)
+    calib = _sum("minibatch inputs + targets, current + prefetched", f"2 x 2 x [{n}, {batch}, {d}]", [mb], 4)
     held = [u, v, masks, adam, calib]
     rows = dense + held
 
@@ -171,26 +179,28 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     for kind in xla:
         for t in TARGETS:
             try:
-                xla[kind][t.name] = step_memory(arch, d, p, n, rank, tokens, cfg, "gmp" if kind == "init" else kind,
+                xla[kind][t.name] = step_memory(arch, d, p, n, rank, batch, cfg, "gmp" if kind == "init" else kind,
                                                 meshes[t.name], init=kind == "init")
             except (OverflowError, ValueError) as e:  # e.g. more V entries than int32 indexes
                 xla[kind][t.name] = f"fails: {type(e).__name__}"
                 xla[kind]["error"] = str(e).splitlines()[0]
     args = {t.name: xla["dense"][t.name].argument_size_in_bytes for t in TARGETS}
-    rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + inputs)", "", "", None, args))
-    resident = {t.name: dense[0].per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
+    rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + one minibatch)", "", "", None, args))
+    model_row = dense[0] if model_dtype == jnp.bfloat16 else dense[1]
+    resident = {t.name: model_row.per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
     for kind, label in (("init", "optimiser init (first masks)"), ("dense", "step without mask update"),
                         ("gmp", "GMP/RigL mask-update step")):
         results = {t: m for t, m in xla[kind].items() if t != "error"}
         rows.append(Row(f"temporaries, XLA, {label}", "", "", None, {
             t: m if isinstance(m, str) else m.temp_size_in_bytes for t, m in results.items()}))
-        rows.append(Row(f"**peak, {label}**", "bf16 model + arrays + temporaries", "", None, {
+        rows.append(Row(f"**peak, {label}**", f"{model_dtype.name} model + arrays + temporaries", "", None, {
             t: m if isinstance(m, str) else resident[t] + m.temp_size_in_bytes for t, m in results.items()}))
 
     host = [
-        Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]", "bfloat16",
-            tokens * d * 2, {}),
-        Row("one group's MLP inputs as collected (host)", f"[{n}, {tokens}, {d}]", "float32", n * tokens * d * 4, {}),
+        Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]",
+            model_dtype.name, tokens * d * model_dtype.itemsize, {}),
+        Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", model_dtype.name,
+            2 * n * tokens * d * model_dtype.itemsize, {}),
     ]
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
@@ -217,8 +227,11 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
            "for the method). GiB per device on a mesh `{data: 1, fsdp: <devices>, tensor: 1}` with the "
            "default logical-axis rules of `fips_jax/sharding.py`; `total` is the unsharded size. The dense "
            "model stays resident in bfloat16 during the local step; FiPS factors, masks and optimiser state "
-           "are float32/bool as the pipeline keeps them. Rows marked XLA come from compiling the real "
-           "sharded local step for that device count (CPU backend, nothing allocated).", ""]
+           "are float32/bool as the pipeline keeps them. The group's MLP inputs and targets stay on the "
+           "host in bfloat16; the device holds the step's minibatch of them and the prefetched next one. "
+           "Rows marked XLA come from compiling the real sharded local step for that device count (CPU "
+           "backend, nothing allocated), with the run config's `local.block_remat` (on for both models).",
+           ""]
     for s, rows, host in plans:
         out += [f"## {s['model']}", "",
                 f"d {s['d']}, p {s['p']}, {s['layers']} blocks in {s['groups']} groups of {s['group_size']}, "
@@ -232,7 +245,8 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             out.append(f"| {r.name} | {r.shape} | {r.dtype} | {_cell(r.total)} | "
                        + " | ".join(_cell(r.per_device.get(t.name), t.hbm_gib, peak) for t in TARGETS) + " |")
         out.append("")
-        out.append("Host memory of the process that streams the teacher (every process, as the code stands): "
+        out.append("Host memory of the process that streams the teacher (every process, as the code stands; "
+                   "the minibatch gathers add 2 x [n, batch_tokens, d]): "
                    + "; ".join(f"{h.name.replace(' (host)', '')} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB"
                                for h in host) + ".")
         if s["gmp_error"]:
@@ -244,8 +258,19 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             "- Mask computation (optimiser init for static/GMP/RigL, and every mask-update step of GMP/RigL) "
             "finds its threshold by bisection with sharded count reductions (`masks.topk_masks`): no sort, "
             "uint32 counts up to 2**32 entries, temporaries that shrink with the devices like V does.",
-            "- MLP inputs + targets: stored in bfloat16 (the teacher's activations are bfloat16 already when the "
-            "model is) they halve; kept on the host and fed one minibatch per step, they leave the device.",
+            "- MLP inputs + targets (done): kept on the host in the model's dtype and fed one minibatch per "
+            "step (`local_opt.HostBatches`, the next one prefetched), they left the device: 40 GiB of a "
+            "Llama-3.1-8B group in float32 before.",
+            "- `local.block_remat` (on in `configs/llama3_8b.py`, `configs/gemma2_9b.py`): the loss runs one "
+            "block at a time with its forward recomputed in the backward, so the step holds one block's W, "
+            "activations and their gradients instead of the group's (Llama, one device: 34.9 -> 17.9 GiB of "
+            "temporaries). Same loss up to float rounding; off by default.",
+            "- Magnitude top-k (done): GMP/RigL mask updates and the first masks score |V| inside each "
+            "bisection pass instead of from a float32 copy of V (Llama, one device: 10 GiB less in both).",
+            "- Not done, next in size for one A100: the dense bfloat16 model (15-17 GiB) could leave the "
+            "device during the local step (the stream needs it between groups only); Adam's mu and nu "
+            "(2 x V, float32) could be kept in bfloat16 or only for V's kept entries; masks could be "
+            "bit-packed (V entries / 8 bytes instead of / 1).",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
             "roughly halve them at the cost of less sharing.",
             "- More devices on `fsdp` divide everything above except the gathered minibatch activations "

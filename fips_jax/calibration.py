@@ -43,24 +43,32 @@ class HiddenStream:
 
     def advance(self, blocks: Sequence[int], with_outputs: bool = False):
         """Run `blocks` (which must continue where the stream is) and return their MLP inputs
-        flattened over tokens: [len(blocks), n_tokens, d], float32; with `with_outputs`, also
-        each block's output, flattened the same way: (inputs, outputs)."""
-        mlp_ins, block_outs = [], []
-        for i in blocks:
+        flattened over tokens: [len(blocks), n_tokens, d], in the dtype the model computes them
+        in (bfloat16 for a bfloat16 model: half the host memory of float32, and exact; consumers
+        upcast to float32 for their sums). With `with_outputs`, also each block's output,
+        flattened the same way, in float32: (inputs, outputs)."""
+        out = None  # filled in place: one group's inputs held once, not also as per-chunk pieces
+        block_outs = []
+        for k, i in enumerate(blocks):
             if i != self.next_block:
                 raise ValueError(f"hidden stream is at block {self.next_block}, asked for block {i}")
             fn = self._fns.setdefault(i, _block_fn(self.arch, i))
-            outs, ins = [], []
+            hidden, at = [], 0
             for h, ctx in zip(self.hidden, self.ctx):
-                out, mlp_in = fn(self.params, jnp.asarray(h), ctx)
-                outs.append(np.asarray(out))
-                ins.append(np.asarray(mlp_in, np.float32).reshape(-1, mlp_in.shape[-1]))
-            self.hidden = outs
-            mlp_ins.append(np.concatenate(ins))
+                nxt, mlp_in = fn(self.params, jnp.asarray(h), ctx)
+                hidden.append(np.asarray(nxt))
+                mlp_in = np.asarray(mlp_in).reshape(-1, mlp_in.shape[-1])
+                if out is None:
+                    per_seq = mlp_in.shape[0] // h.shape[0]  # MLP rows per sequence / image
+                    n_tokens = per_seq * sum(x.shape[0] for x in self.hidden)
+                    out = np.empty((len(blocks), n_tokens, mlp_in.shape[-1]), mlp_in.dtype)
+                out[k, at:at + mlp_in.shape[0]] = mlp_in
+                at += mlp_in.shape[0]
+            self.hidden = hidden
             if with_outputs:
-                block_outs.append(np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs]).astype(np.float32))
+                block_outs.append(np.concatenate([o.reshape(-1, o.shape[-1]) for o in hidden]).astype(np.float32))
             self.next_block += 1
-        return (np.stack(mlp_ins), np.stack(block_outs)) if with_outputs else np.stack(mlp_ins)
+        return (out, np.stack(block_outs)) if with_outputs else out
 
     def state(self) -> np.ndarray:
         return np.concatenate(self.hidden)

@@ -87,7 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.inputs = "teacher"
     # student: weight of the drift correction in FiPS's target. 0: the dense MLP applied to the
     # student's inputs; 1: the MLP output that puts each block's output back on the teacher's.
-    c.local.drift = 1.0
+    c.local.drift = 0.0
+    # LLM local loss: one block at a time with its forward recomputed in the backward (step
+    # temporaries of one block instead of the group's; same loss up to float rounding).
+    c.local.block_remat = False
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.

@@ -87,6 +87,7 @@ def mlp_outputs(ws: jax.Array, bias: Mapping[str, jax.Array] | None, spec: base.
     """Every block's MLP output [n, T, d] from its materialised FCs ws [n, F, d, p] (biases
     {fc: [n, out]} or None) on its inputs x [n, T, d]. compute_dtype: see `mlp_group_loss`."""
     cd = jnp.dtype(compute_dtype)
+    x = x.astype(jnp.float32)  # inputs may come in the model's dtype (bfloat16): upcast exactly
     # split, not per-FC indexing: its transpose concatenates the FCs' weight gradients into
     # one [n, F, d, p] array instead of adding one zero-padded full-size copy per FC.
     w_fc = [w[:, 0] for w in jnp.split(ws, len(spec.fc_names), axis=1)]
@@ -111,8 +112,25 @@ def _mse(out: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(per_block), per_block
 
 
+def _block_remat_mses(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
+                      cd: Any) -> jax.Array:
+    """Per-block MSE [n] computed one block at a time (a loop over blocks), each block's forward
+    (its W = U V_b and MLP activations) recomputed in the backward instead of kept: the step
+    holds one block's W, activations and their gradients at a time instead of the group's."""
+    u = params["u"]
+
+    def one(args):
+        v_b, bias_b, x_b, t_b = args
+        ws = factors.group_weights(u, v_b[None], cd)
+        bias = None if bias_b is None else {k: b[None] for k, b in bias_b.items()}
+        out = mlp_outputs(ws, bias, spec, x_b[None], cd)[0]
+        return jnp.mean(jnp.square(out - t_b.astype(jnp.float32)))
+
+    return jax.lax.map(jax.checkpoint(one), (params["v"], params.get("bias"), x, targets))
+
+
 def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: jax.Array,
-                   compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+                   compute_dtype: Any = jnp.float32, block_remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """LLM loss: MSE of each block's MLP output on the dense model's MLP inputs (teacher forcing).
 
     x, targets: [n, T, d] MLP inputs and the dense MLP's outputs on them.
@@ -121,7 +139,13 @@ def mlp_group_loss(params: Params, spec: base.MlpSpec, x: jax.Array, targets: ja
     compute_dtype: operand dtype of the matmuls (bfloat16: float32 params cast per step); every
     product accumulates in float32 and the activations, the loss and its gradients' sums stay
     float32.
+    block_remat: blocks one at a time with their forward rematerialised (`_block_remat_mses`);
+    the same loss up to float rounding (U's gradient is summed block by block), a fraction of
+    the step's temporaries.
     """
+    if block_remat:
+        per_block = _block_remat_mses(params, spec, x, targets, jnp.dtype(compute_dtype))
+        return jnp.mean(per_block), per_block
     ws = factors.group_weights(params["u"], params["v"], jnp.dtype(compute_dtype))
     return _mse(mlp_outputs(ws, params.get("bias"), spec, x, compute_dtype), targets)
 
@@ -225,6 +249,58 @@ def minibatch_indices(key: jax.Array, step: jax.Array, n_tokens: int, batch: int
     return jax.lax.dynamic_slice_in_dim(perm, j * batch, min(batch, n_tokens))
 
 
+class HostBatches:
+    """Minibatches of host arrays fed to `train` one step at a time.
+
+    arrays: host (numpy) arrays [n, T, ...] sharing the token axis 1, in any dtype (the model's:
+    the step casts and accumulates in float32). Step s gets `a[:, idx]` of each, idx the positions
+    `minibatch_indices(key, s, T, batch)` gives (the same tokens a step that gathers on the device
+    would take), put on the device with `sharding_for(shape)` (None: the default device). Only
+    minibatches ever reach the device; `train` asks for step s + 1 while step s runs.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], key: jax.Array, batch: int,
+                 sharding_for: Callable[[tuple[int, ...]], Any] | None = None):
+        self.arrays = tuple(arrays)
+        self.n_tokens = int(self.arrays[0].shape[1])
+        self.batch = min(int(batch), self.n_tokens)
+        self.key, self.sharding_for = key, sharding_for
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def indices(self, step: int) -> np.ndarray:
+        """`minibatch_indices(key, step, T, batch)` on the host, one permutation per epoch."""
+        per_epoch = max(self.n_tokens // self.batch, 1)
+        epoch, j = divmod(int(step), per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.n_tokens)
+            self._perm = (epoch, np.asarray(perm))
+        return self._perm[1][j * self.batch:(j + 1) * self.batch]
+
+    def __call__(self, step: int) -> tuple[jax.Array, ...]:
+        from fips_jax import sharding  # pylint: disable=import-outside-toplevel
+
+        idx = self.indices(step)
+        out = []
+        for a in self.arrays:
+            mb = np.ascontiguousarray(a[:, idx])
+            sh = None if self.sharding_for is None else self.sharding_for(mb.shape)
+            out.append(jax.device_put(mb) if sh is None else sharding.put(mb, sh))
+        return tuple(out)
+
+
+def _unshared(tree: Any) -> Any:
+    """`tree` with a copy of each leaf that is the same array object as an earlier leaf."""
+    seen: set[int] = set()
+
+    def one(x):
+        if id(x) in seen:
+            return jnp.array(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 class Interrupted(Exception):
     """Raised by a step hook to stop a run (tests use it to simulate a kill)."""
 
@@ -248,9 +324,14 @@ def train(
     name: str = "local",
     on_step: Callable[[int, float], None] | None = None,
     param_shardings: Any = None,
+    feed: Callable[[int], tuple] | None = None,
 ) -> tuple[Params, list[float]]:
-    """Run `cfg.steps` updates of `loss_fn(params, step, *consts) -> (loss, aux)`, resuming from
-    the latest checkpoint in `ckpt_dir` if there is one.
+    """Run `cfg.steps` updates of `loss_fn(params, step, *feed(step), *consts) -> (loss, aux)`,
+    resuming from the latest checkpoint in `ckpt_dir` if there is one.
+
+    feed: per-step arguments (e.g. `HostBatches`: a minibatch put on the device), a function of
+    the step number; the next step's are prepared while the current step runs (jax dispatches
+    the step asynchronously). None: no per-step arguments.
 
     The minibatch is a function of the step number (see `minibatch_indices`), so a resumed run
     computes exactly what an uninterrupted one would. Returns the final params and the loss at
@@ -280,9 +361,11 @@ def train(
         init = jax.jit(tx.init, out_shardings=o_sh)
     else:
         init = tx.init
-    # The initial masks: the schedule's value at step 0 (GMP: 25%). Copied so that no two
-    # leaves share a buffer (the step donates each one).
-    opt_state = jax.tree_util.tree_map(jnp.array, init(params))
+    # The initial masks: the schedule's value at step 0 (GMP: 25%). A leaf that is the same
+    # array as an earlier one (e.g. one target-sparsity scalar for every leaf) is copied, since
+    # the step donates each leaf; the others are used as they are, not copied (Adam's moments
+    # are twice V).
+    opt_state = _unshared(init(params))
     params = updater.post_gradient_update(params, opt_state)
     state = {"params": params, "opt_state": opt_state}
     leaves, treedef = jax.tree_util.tree_flatten(state)
@@ -301,9 +384,14 @@ def train(
     steps = {u: _compiled_step(loss_fn, cfg, u, out_shardings) for u in (False, True)}
     t0 = time.perf_counter()
     saved_at = start
+    nxt = feed(start) if feed is not None and start < cfg.steps else ()
     for step in range(start, cfg.steps):
         step_fn = steps[updater.host_is_update_step(step)]
-        params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *consts)
+        batch = nxt
+        params, opt_state, loss, _, finite = step_fn(params, opt_state, jnp.int32(step), *batch, *consts)
+        del batch
+        # Prefetch: the next minibatch is gathered and sent while this step runs.
+        nxt = feed(step + 1) if feed is not None and step + 1 < cfg.steps else ()
         losses.append(float(loss))
         done = step + 1
         finite = np.asarray(finite)

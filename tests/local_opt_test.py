@@ -127,3 +127,62 @@ def test_train_reuses_one_compile_for_the_same_loss_and_shapes(tmp_path):
     info = local_opt._compiled_step.cache_info()
     assert (info.misses, info.hits) == (2, 2)  # one step with and one without the mask update
     assert local_opt._compiled_step(_loss, cfg, False, None)._cache_size() == 1
+
+
+@pytest.mark.parametrize("n_tokens,batch", [(100, 32), (64, 64), (40, 64)])
+def test_host_batches_take_the_tokens_minibatch_indices_gives(n_tokens, batch):
+    """HostBatches gathers on the host exactly the positions the in-step gather took, across
+    epochs, in the arrays' own dtype."""
+    key = jax.random.PRNGKey(3)
+    x = np.arange(2 * n_tokens * 3, dtype=np.float32).reshape(2, n_tokens, 3).astype(jnp.bfloat16)
+    y = np.arange(2 * n_tokens * 3, dtype=np.float32).reshape(2, n_tokens, 3)
+    feed = local_opt.HostBatches((x, y), key, batch)
+    for step in range(9):
+        idx = np.asarray(local_opt.minibatch_indices(key, jnp.int32(step), n_tokens, min(batch, n_tokens)))
+        np.testing.assert_array_equal(feed.indices(step), idx)
+        xb, yb = feed(step)
+        assert xb.dtype == jnp.bfloat16 and xb.shape == (2, min(batch, n_tokens), 3)
+        np.testing.assert_array_equal(np.asarray(xb), x[:, idx])
+        np.testing.assert_array_equal(np.asarray(yb), y[:, idx])
+
+
+def test_train_fed_from_the_host_matches_the_in_step_gather(tmp_path):
+    """The same run with the minibatch gathered inside the step (device-resident data) and fed
+    from host arrays: the same losses and params."""
+    w, x, y = _target(5, False)
+    fac = svd_init.init_group(w, 3, N, F)
+    p0 = {"u": fac.u, "v": fac.v}
+    cfg = local_opt.LocalOptConfig(steps=6, algorithm="gmp", sparsity=0.5, update_freq=2)
+    key, batch = jax.random.PRNGKey(1), 128
+
+    def in_step(p, step, x_, y_):
+        idx = local_opt.minibatch_indices(key, step, x_.shape[1], batch)
+        return local_opt.mlp_group_loss(p, GATED, x_[:, idx], y_[:, idx])
+
+    def fed(p, step, xb, yb):
+        return local_opt.mlp_group_loss(p, GATED, xb, yb)
+
+    quiet = dict(checkpoint_every=1000, log=lambda m: None)
+    pa, la = local_opt.train(p0, in_step, (x, y), cfg, str(tmp_path / "a"), **quiet)
+    feed = local_opt.HostBatches((np.asarray(x), np.asarray(y)), key, batch)
+    pb, lb = local_opt.train(p0, fed, (), cfg, str(tmp_path / "b"), feed=feed, **quiet)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("biased", [False, True])
+def test_block_remat_gives_the_loss_and_gradients_of_the_group_at_once(compute_dtype, biased):
+    spec = GATED if not biased else base.MlpSpec(("fc1", "fc2"), (False, True), "gelu", gated=False, has_bias=True)
+    f = len(spec.fc_names)
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    params = {"u": jax.random.normal(k[0], (D, 12)), "v": 0.1 * jax.random.normal(k[1], (3, f, 12, P))}
+    if biased:
+        params["bias"] = {"fc1": jax.random.normal(k[4], (3, P)), "fc2": jax.random.normal(k[2], (3, D))}
+    x = jax.random.normal(k[2], (3, 64, D)).astype(jnp.bfloat16)
+    y = jax.random.normal(k[3], (3, 64, D)).astype(jnp.bfloat16)
+    grad = jax.jit(jax.value_and_grad(lambda p, r: local_opt.mlp_group_loss(p, spec, x, y, compute_dtype, r)[0],
+                                      ), static_argnums=1)
+    for a, b in zip(jax.tree.leaves(grad(params, False)), jax.tree.leaves(grad(params, True))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)

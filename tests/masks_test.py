@@ -201,3 +201,18 @@ def test_large_leaves_with_many_ties_match_argsort():
         per_leaf[0], per_leaf[2] = 0, scores[2].size
         _check(_per_tensor(scores, [None if k is None else jnp.int32(k) for k in per_leaf]),
                _reference(scores, per_leaf, "per_tensor"))
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_magnitude_topk_is_topk_of_the_magnitude_scores(scope):
+    """topk_magnitude_masks (|w| recomputed in each pass) selects what topk_masks selects on
+    the materialised magnitude scores, ties, NaN, -0.0 and inactive entries included."""
+    rng = np.random.default_rng(7)
+    leaves = [None if shape is None else jnp.asarray(rng.choice(VALUES, size=shape)) for shape in SHAPES]
+    active = [None if w is None else jnp.asarray(rng.random(w.shape) < 0.7) for w in leaves]
+    n_sparse = sum(w.size for w in leaves if w is not None)
+    for keep in (0, 5, n_sparse // 2, n_sparse):
+        k = keep if scope == "global" else [None if w is None else min(keep, w.size) for w in leaves]
+        want = mk.topk_masks(mk.magnitude_scores(leaves, active), k, scope)
+        got = jax.jit(lambda ws, a, k=k: mk.topk_magnitude_masks(ws, a, k, scope))(leaves, active)
+        _check(got, [None if w is None else np.asarray(w) for w in want])

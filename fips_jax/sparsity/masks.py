@@ -24,6 +24,8 @@ flat indices); each axis of a leaf < 2**31.
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from typing import Any, Sequence
 
@@ -128,10 +130,42 @@ def topk_masks(scores: Sequence[Any], keep: Any, scope: str) -> list[Any]:
         groups, keeps = ([where], [keep]) if where else ([], [])
     else:
         groups, keeps = [[i] for i in where], [keep[i] for i in where]
-    groups_scores = [[_as_float32(scores[i]) for i in g] for g in groups]
-    ks = [_clip_keep(k, _group_size(leaves)) for leaves, k in zip(groups_scores, keeps)]
-    kept = _topk_groups(groups_scores, ks)
-    out: list[Any] = [None] * len(scores)
+    return _select(groups, keeps, [None if x is None else _as_float32(x) for x in scores], _plain, len(scores))
+
+
+def topk_magnitude_masks(leaves: Sequence[Any], active: Sequence[Any], keep: Any, scope: str) -> list[Any]:
+    """`topk_masks(magnitude_scores(leaves, active), keep, scope)`, the same masks, without a
+    float32 copy of the scores: every pass recomputes |w| (-inf outside `active`) from the leaf
+    and its active mask, fused into its count, so a mask update of V needs no V-sized float
+    temporary."""
+    check_scope(scope)
+    where = [i for i, w in enumerate(leaves) if w is not None]
+    if scope == "global":
+        groups, keeps = ([where], [keep]) if where else ([], [])
+    else:
+        groups, keeps = [[i] for i in where], [keep[i] for i in where]
+    items = [None if w is None else (w, a) for w, a in zip(leaves, active)]
+    return _select(groups, keeps, items, _magnitude, len(leaves))
+
+
+def _plain(s: jnp.ndarray) -> jnp.ndarray:
+    return s
+
+
+def _magnitude(item: tuple[Any, Any]) -> jnp.ndarray:
+    w, a = item
+    return jnp.where(a, jnp.abs(w).astype(jnp.float32), -jnp.inf)
+
+
+def _shape(item: Any) -> tuple[int, ...]:
+    return tuple(jax.tree.leaves(item)[0].shape)
+
+
+def _select(groups: list[list[int]], keeps: list[Any], items: list[Any], score: Any, n_out: int) -> list[Any]:
+    groups_items = [[items[i] for i in g] for g in groups]
+    ks = [_clip_keep(k, _group_size([_shape(x) for x in leaves])) for leaves, k in zip(groups_items, keeps)]
+    kept = _topk_groups(groups_items, ks, score)
+    out: list[Any] = [None] * n_out
     for g, masks in zip(groups, kept):
         for i, m in zip(g, masks):
             out[i] = m
@@ -214,12 +248,12 @@ def _clip_keep(keep: Any, n: int) -> jnp.ndarray:
     return jnp.minimum(keep.astype(jnp.uint32), jnp.uint32(n))
 
 
-def _group_size(leaves: list[jnp.ndarray]) -> int:
+def _group_size(shapes: list[tuple[int, ...]]) -> int:
     """Entries in one top-k selection, checked against the limits of its uint32 counts."""
-    for s in leaves:
-        if any(dim >= 2**31 for dim in s.shape):
-            raise ValueError(f"top-k: a leaf of shape {s.shape} has an axis >= 2**31")
-    n = sum(s.size for s in leaves)
+    for shape in shapes:
+        if any(dim >= 2**31 for dim in shape):
+            raise ValueError(f"top-k: a leaf of shape {shape} has an axis >= 2**31")
+    n = sum(math.prod(shape) for shape in shapes)
     if n >= 2**32:
         raise ValueError(f"top-k: one selection over {n} >= 2**32 entries; use scope='per_tensor'")
     return n
@@ -245,17 +279,28 @@ def _pick(values: list[jnp.ndarray], j: jnp.ndarray) -> jnp.ndarray:
 
 # Jitted here, unlike most library functions: eager callers (`tx.init`, `instant_sparsify`
 # outside jit) would otherwise retrace on every call; inside a caller's jit it inlines.
-@jax.jit
-def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list[list[jnp.ndarray]]:
+@functools.partial(jax.jit, static_argnums=2)
+def _topk_groups(groups: list[list[Any]], ks: list[jnp.ndarray], score: Any) -> list[list[jnp.ndarray]]:
     """Per group, bool masks of its `k` highest scores, the group's leaves taken in order.
+    A leaf is whatever `score` maps to its float32 scores.
 
-    ks: uint32 counts in [0, group size]. The scores are turned into order keys once (the same
-    memory as the scores, which are dead after); then passes over the keys: 32 / _BITS_PER_PASS
+    ks: uint32 counts in [0, group size]. Plain scores (`_plain`) are turned into order keys
+    once (the same memory as the scores, which are dead after); any other `score` is recomputed,
+    fused into the count, in every pass (behind an optimisation barrier so that XLA cannot hoist
+    it into one score-sized array). Passes over the keys: 32 / _BITS_PER_PASS
     (threshold search) + 1 (masks), plus up to ceil(log2(leaf size)) / _BITS_PER_PASS over the
     one leaf per group in which the entries tied at the threshold run out (none when no tie
     is split, as for magnitudes of float weights).
     """
-    keys = [[_order_key(s) for s in leaves] for leaves in groups]
+    if score is _plain:
+        materialised = [[_order_key(s) for s in leaves] for leaves in groups]
+        keys_now = lambda: materialised  # noqa: E731
+        to_key = _plain
+    else:
+        to_key = lambda item: _order_key(score(item))  # noqa: E731
+
+        def keys_now():
+            return [[to_key(s) for s in leaves] for leaves in jax.lax.optimization_barrier(groups)]
 
     # Largest key t per group with count(key >= t) >= k, b bits per pass from the top: the
     # candidates t | j << shift (j = 1 .. 2**b - 1) are counted together and the largest j
@@ -263,14 +308,14 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
     # it also keeps count(key >= t), the counts of the last accepted candidate, and
     # count(key > t), those of the smallest rejected one (every lower bit is accepted after it).
     state = [
-        (jnp.uint32(0), [jnp.uint32(s.size) for s in leaves], [jnp.uint32(0) for _ in leaves])
-        for leaves in keys
+        (jnp.uint32(0), [jnp.uint32(math.prod(_shape(s))) for s in leaves], [jnp.uint32(0) for _ in leaves])
+        for leaves in groups
     ]
     shift = 32
     for width in _pass_widths(32, _BITS_PER_PASS):
         shift -= width
         new_state = []
-        for leaves, k, (t, at_least, above) in zip(keys, ks, state):
+        for leaves, k, (t, at_least, above) in zip(keys_now(), ks, state):
             cands = [t | jnp.uint32(j << shift) for j in range(1, 2**width)]
             counts = [[_count(key >= c) for key in leaves] for c in cands]  # [cand][leaf]
             # Totals fall as j grows, so the accepted candidates are a prefix: j* = their number.
@@ -284,30 +329,33 @@ def _topk_groups(groups: list[list[jnp.ndarray]], ks: list[jnp.ndarray]) -> list
         state = new_state
 
     masks = []
-    for leaves, k, (t, at_least, above) in zip(keys, ks, state):
+    sources = groups if score is not _plain else keys_now()
+    for leaves, k, (t, at_least, above) in zip(sources, ks, state):
         # Ties to keep: k - count(key > t) <= count(key == t), handed out in leaf order.
         left = k - sum(above)
         group_masks = []
-        for key, n_at_least, n_above in zip(leaves, at_least, above):
+        for src, n_at_least, n_above in zip(leaves, at_least, above):
             n_ties = n_at_least - n_above
             take = jnp.minimum(left, n_ties)
             left = left - take
-            cut = _tie_cut(key, t, take, n_ties)
+            cut = _tie_cut(src, t, take, n_ties, to_key)
+            key = to_key(src)
             group_masks.append((key > t) | ((key == t) & _index_below(key.shape, cut)))
         masks.append(group_masks)
     return masks
 
 
-def _tie_cut(key: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray) -> jnp.ndarray:
-    """uint32 p such that the entries of `key` equal to t with flat index < p are the first
-    `take` (take, ties: uint32).
+def _tie_cut(src: Any, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndarray, to_key: Any = _plain) -> jnp.ndarray:
+    """uint32 p such that the entries of `to_key(src)` equal to t with flat index < p are the
+    first `take` (take, ties: uint32).
 
     Searches the flat index, _BITS_PER_PASS bits per pass, only where 0 < take < ties;
     elsewhere the loop runs no pass.
     """
-    nbits = max(key.size - 1, 0).bit_length()
+    shape = _shape(src)
+    size = math.prod(shape)
+    nbits = max(size - 1, 0).bit_length()
     per_pass = _BITS_PER_PASS
-    tied = key == t
 
     def refine(state):
         b, q = state  # q: the largest index with fewer than `take` ties before it, so far
@@ -318,15 +366,16 @@ def _tie_cut(key: jnp.ndarray, t: jnp.ndarray, take: jnp.ndarray, ties: jnp.ndar
         # last one, which changes no count); accepted while fewer than `take` ties lie before.
         j_max = (jnp.uint32(1) << width.astype(jnp.uint32)) - jnp.uint32(1)
         cands = [q | (jnp.minimum(jnp.uint32(j), j_max) << shift) for j in range(1, 2**per_pass)]
-        tied_now, cands_now = jax.lax.optimization_barrier((tied, cands))
-        j = sum((_count(tied_now & _index_below(key.shape, c)) < take).astype(jnp.uint32) for c in cands_now)
+        src_now, cands_now = jax.lax.optimization_barrier((src, cands))
+        tied_now = to_key(src_now) == t
+        j = sum((_count(tied_now & _index_below(shape, c)) < take).astype(jnp.uint32) for c in cands_now)
         j = jnp.minimum(j, j_max)
         return b, q | (j << shift)
 
     partial = (take > 0) & (take < ties)
     start = (jnp.where(partial, nbits, 0).astype(jnp.int32), jnp.uint32(0))
     _, q = jax.lax.while_loop(lambda state: state[0] > 0, refine, start)
-    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(key.size)))
+    return jnp.where(take == 0, jnp.uint32(0), jnp.where(partial, q + jnp.uint32(1), jnp.uint32(size)))
 
 
 def _index_below(shape: tuple[int, ...], p: jnp.ndarray) -> jnp.ndarray:

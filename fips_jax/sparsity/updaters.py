@@ -169,8 +169,7 @@ class SparsityUpdater:
 
     def magnitude_masks(self, ws: list, active: list, sparsity: Any) -> list:
         """Top-k |w| among `active` entries at `sparsity`, restricted to `active`."""
-        scores = mk.magnitude_scores(ws, active)
-        kept = mk.topk_masks(scores, self.keep_counts(ws, sparsity), self.scope)
+        kept = mk.topk_magnitude_masks(ws, active, self.keep_counts(ws, sparsity), self.scope)
         return [None if k is None else k & a for k, a in zip(kept, active)]
 
     def target_sparsities(self, params: PyTree) -> PyTree:
@@ -378,8 +377,8 @@ class RigL(SparsityUpdater):
             n = [None if m is None else swaps(a, m.size) for m, a in zip(masks, active)]
             keep = [None if m is None else a - k for m, a, k in zip(masks, active, n)]
             grow = n
-        kept = mk.topk_masks(mk.magnitude_scores(ws, masks), keep, self.scope)
-        grown = mk.topk_masks(mk.magnitude_scores(grads, inactive), grow, self.scope)
+        kept = mk.topk_magnitude_masks(ws, masks, keep, self.scope)
+        grown = mk.topk_magnitude_masks(grads, inactive, grow, self.scope)
         return [
             None if m is None else (k & m) | (g & ~m) for m, k, g in zip(masks, kept, grown)
         ]

@@ -94,7 +94,11 @@ def _steps(n_items: int, batch: int, epochs: float) -> int:
 
 
 class _Group:
-    """One group's calibration problem: inputs, targets, statistics and the training of parts."""
+    """One group's calibration problem: inputs, targets, statistics and the training of parts.
+
+    The MLP inputs x and targets y [n, T, d] stay on the host in the model's dtype (the stream's);
+    training steps receive one minibatch each (`batches`), so nothing of their size is held on
+    the device."""
 
     def __init__(self, run, arch, params, layout, rank, g, x, xh, need_stats, student=None):
         """x, xh: the teacher's MLP inputs of the calibration and held-out tokens. `student`:
@@ -105,58 +109,94 @@ class _Group:
         cfg, spec = run.cfg, arch.mlp_spec
         self.run, self.spec, self.layout, self.g = run, spec, layout, g
         self.dir = f"groups/g{g:02d}"
-        act_sh = sharding.logical_to_sharding(sharding.ACTIVATION_AXES, run.mesh, run.rules, x)
-        targets = jax.jit(local_opt.mlp_targets, static_argnums=0, out_shardings=act_sh)
+        peers_need, fips_need = need_stats
+        self.x, self.xh = np.asarray(x), np.asarray(xh)
+        self.batch = min(cfg["local"]["batch_tokens"], self.x.shape[1])
         teacher = local_opt.stack_dense_mlps(params, layout)
 
         def grams_of(inputs):
             grams = calib_stats.group_input_grams(spec, teacher, inputs)
             return GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
 
-        peers_need, fips_need = need_stats
-        self.x = sharding.put(x, act_sh)
-        self.xh = jnp.asarray(xh)
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
-        self.y = targets(spec, teacher, self.x)
-        self.yh = local_opt.mlp_targets(spec, teacher, self.xh)
-        stats = grams_of(x) if peers_need or (fips_need and student is None) else None
+        self.y = self._targets(teacher, self.x, self.x.dtype)
+        self.yh = self._targets(teacher, self.xh, np.float32)
+        stats = grams_of(self.x) if peers_need or (fips_need and student is None) else None
         self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
         if student is None:
             self.fips_x, self.fips_y, self.fips_problem = self.x, self.y, self.problem
         else:
             xs, drift = student
-            self.fips_x = sharding.put(xs, act_sh)
-            y = targets(spec, teacher, self.fips_x)
+            self.fips_x = np.asarray(xs)
             alpha = float(cfg["local"]["drift"])
-            self.fips_y = y + alpha * sharding.put(drift, act_sh) if alpha else y
-            self.fips_problem = dataclasses.replace(self.problem, stats=grams_of(xs) if fips_need else None)
-        self.steps = _steps(x.shape[1], min(cfg["local"]["batch_tokens"], x.shape[1]), cfg["local"]["epochs"])
+            y = self._targets(teacher, self.fips_x, np.float32)
+            self.fips_y = (y + alpha * drift if alpha else y).astype(self.fips_x.dtype)
+            self.fips_problem = dataclasses.replace(self.problem, stats=grams_of(self.fips_x) if fips_need else None)
+        self.steps = _steps(x.shape[1], self.batch, cfg["local"]["epochs"])
+
+    def act_sharding(self, shape):
+        return sharding.logical_to_sharding(sharding.ACTIVATION_AXES, self.run.mesh, self.run.rules,
+                                            jax.ShapeDtypeStruct(shape, self.x.dtype))
+
+    def _replicated(self):  # what every process can read back whole
+        return jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+
+    def _targets(self, teacher, x: np.ndarray, dtype) -> np.ndarray:
+        """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
+        tokens at a time and kept on the host in `dtype`."""
+        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(dtype),
+                     out_shardings=self._replicated())
+        y = np.empty(x.shape, dtype)
+        for s in range(0, x.shape[1], self.batch):
+            xb = x[:, s:s + self.batch]
+            y[:, s:s + self.batch] = np.asarray(fn(teacher, sharding.put(xb, self.act_sharding(xb.shape))))
+        return y
+
+    def batches(self, key, blocks: slice = slice(None), fips_data: bool = True) -> local_opt.HostBatches:
+        """The training minibatches of `blocks`: (x, y) gathered on the host per step; FiPS's
+        inputs and targets (the student's with `local.inputs=student`) or the teacher's."""
+        x, y = (self.fips_x, self.fips_y) if fips_data else (self.x, self.y)
+        return local_opt.HostBatches((x[blocks], y[blocks]), key, self.batch, self.act_sharding)
+
+    def calib_mse(self, params: dict, compute_dtype) -> float:
+        """`mlp_group_loss` of FiPS's params over every calibration token, a minibatch at a time."""
+        fn = jax.jit(lambda p, xb, yb: local_opt.mlp_group_loss(p, self.spec, xb, yb, compute_dtype)[1],
+                     out_shardings=self._replicated())
+        sq = np.zeros(self.layout.n_blocks)
+        for s in range(0, self.x.shape[1], self.batch):
+            xb, yb = self.fips_x[:, s:s + self.batch], self.fips_y[:, s:s + self.batch]
+            sq += np.asarray(fn(params, sharding.put(xb, self.act_sharding(xb.shape)),
+                                sharding.put(yb, self.act_sharding(yb.shape))), np.float64) * xb.shape[1]
+        return float(np.mean(sq / self.x.shape[1]))
 
     def heldout(self, parts: list) -> list[float]:
         ws, bias = factors.part_weights(parts, self.layout)
-        out = local_opt.mlp_outputs(ws, bias, self.spec, self.xh)
+        out = local_opt.mlp_outputs(ws, bias, self.spec, jnp.asarray(self.xh))
         return [relative_error(out[b], self.yh[b]) for b in range(self.layout.n_blocks)]
 
 
 def _loss_fns(run, spec):
     """The FiPS loss, one function for every group: `local_opt.train` reuses its compiled step
-    across groups (and blocks, in sequential mode) of the same shapes."""
-    cfg = run.cfg
-    key = jax.random.PRNGKey(cfg["seed"])
-    batch = cfg["local"]["batch_tokens"]
-    compute_dtype = jnp.dtype(cfg["local"].get("compute_dtype", "float32"))
+    across groups (and blocks, in sequential mode) of the same shapes. Each step's minibatch
+    (x, y) [n, batch, d] comes from `_Group.batches` (`local_opt.minibatch_indices` on the host)."""
+    compute_dtype = jnp.dtype(run.cfg["local"].get("compute_dtype", "float32"))
+    remat = bool(run.cfg["local"].get("block_remat", False))
 
     def fips_loss(p, step, x, y):
-        idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
-        return local_opt.mlp_group_loss(p, spec, x[:, idx], y[:, idx], compute_dtype)
+        del step
+        return local_opt.mlp_group_loss(p, spec, x, y, compute_dtype, remat)
 
     def parts_loss(part_layouts, layout):
         def loss(p, step, x, y):
-            idx = local_opt.minibatch_indices(key, step, x.shape[1], min(batch, x.shape[1]))
-            return local_opt.mlp_parts_loss(p, part_layouts, layout, spec, x[:, idx], y[:, idx], compute_dtype)
+            del step
+            return local_opt.mlp_parts_loss(p, part_layouts, layout, spec, x, y, compute_dtype)
         return loss
 
     return fips_loss, parts_loss
+
+
+def _batch_key(run):
+    return jax.random.PRNGKey(run.cfg["seed"])
 
 
 def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]:
@@ -168,8 +208,8 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
     mode = cfg["fips"]["mode"]
     if mode == "joint":
         p_sh = sharding.group_shardings(p0, run.mesh, run.rules, grp.spec.fc_names, grp.spec.transposed)
-        return local_opt.train(p0, loss_fn, (grp.fips_x, grp.fips_y), lcfg, os.path.join(gdir, "loop"),
-                               name=f"group {grp.g}", param_shardings=p_sh, **kw)
+        return local_opt.train(p0, loss_fn, (), lcfg, os.path.join(gdir, "loop"), name=f"group {grp.g}",
+                               param_shardings=p_sh, feed=grp.batches(_batch_key(run)), **kw)
     if mode != "sequential":
         raise ValueError(f"fips.mode {mode!r} not in ('joint', 'sequential')")
     p1, losses = dict(p0), []
@@ -177,9 +217,9 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
         sub = {"u": p1["u"], "v": p1["v"][b:b + 1]}
         if "bias" in p1:
             sub["bias"] = {k: v[b:b + 1] for k, v in p1["bias"].items()}
-        sub, lb = local_opt.train(sub, loss_fn, (grp.fips_x[b:b + 1], grp.fips_y[b:b + 1]), lcfg,
-                                  os.path.join(gdir, f"loop_b{b}"), name=f"group {grp.g} block {grp.layout.blocks[b]}",
-                                  **kw)
+        sub, lb = local_opt.train(sub, loss_fn, (), lcfg, os.path.join(gdir, f"loop_b{b}"),
+                                  name=f"group {grp.g} block {grp.layout.blocks[b]}",
+                                  feed=grp.batches(_batch_key(run), slice(b, b + 1)), **kw)
         new = {"u": sub["u"], "v": p1["v"].at[b].set(sub["v"][0])}
         if "bias" in sub:
             new["bias"] = {k: p1["bias"][k].at[b].set(sub["bias"][k][0]) for k in sub["bias"]}
@@ -193,9 +233,10 @@ def _train_parts(run, grp: _Group, name: str, parts: list, parts_loss) -> list:
     optimiser, dense factors (`compare.train`)."""
     lcfg = dataclasses.replace(fips.local_config(run.cfg, grp.steps), algorithm="dense", sparsity=0.0)
     layouts = tuple(layout for layout, _ in parts)
-    trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (grp.x, grp.y), lcfg,
+    trained, _ = local_opt.train([p for _, p in parts], parts_loss(layouts, grp.layout), (), lcfg,
                                  run.path(grp.dir, f"{name}_loop"), checkpoint_every=run.cfg["checkpoint_every"],
-                                 log=run.log, name=f"group {grp.g} {name}", on_step=run.on_step)
+                                 log=run.log, name=f"group {grp.g} {name}", on_step=run.on_step,
+                                 feed=grp.batches(_batch_key(run), fips_data=False))
     return list(zip(layouts, trained))
 
 
@@ -219,7 +260,7 @@ def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, di
             parts = run.stage(f"{gdir}/{m.NAME}_trained",
                               lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
             errors[f"{m.NAME}_trained"] = grp.heldout(parts)
-    calib_mse = jax.jit(local_opt.mlp_group_loss, static_argnums=1)(p1, grp.spec, grp.fips_x, grp.fips_y)[0]
+    calib_mse = grp.calib_mse(p1, jnp.float32)
     return p1, {"blocks": list(layout.blocks), "rank": grp.problem.rank, "steps": grp.steps,
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                 "heldout_rel_error": errors, "calib_mse_final": float(calib_mse)}
