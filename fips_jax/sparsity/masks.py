@@ -124,13 +124,7 @@ def topk_masks(scores: Sequence[Any], keep: Any, scope: str) -> list[Any]:
         `scope="per_tensor"`: a list aligned with `scores` of ints (None for dense leaves).
         Counts outside [0, n] are clipped to it.
     """
-    check_scope(scope)
-    where = [i for i, s in enumerate(scores) if s is not None]
-    if scope == "global":
-        groups, keeps = ([where], [keep]) if where else ([], [])
-    else:
-        groups, keeps = [[i] for i in where], [keep[i] for i in where]
-    return _select(groups, keeps, [None if x is None else _as_float32(x) for x in scores], _plain, len(scores))
+    return _select([None if x is None else _as_float32(x) for x in scores], keep, scope, _plain)
 
 
 def topk_magnitude_masks(leaves: Sequence[Any], active: Sequence[Any], keep: Any, scope: str) -> list[Any]:
@@ -138,14 +132,7 @@ def topk_magnitude_masks(leaves: Sequence[Any], active: Sequence[Any], keep: Any
     float32 copy of the scores: every pass recomputes |w| (-inf outside `active`) from the leaf
     and its active mask, fused into its count, so a mask update of V needs no V-sized float
     temporary."""
-    check_scope(scope)
-    where = [i for i, w in enumerate(leaves) if w is not None]
-    if scope == "global":
-        groups, keeps = ([where], [keep]) if where else ([], [])
-    else:
-        groups, keeps = [[i] for i in where], [keep[i] for i in where]
-    items = [None if w is None else (w, a) for w, a in zip(leaves, active)]
-    return _select(groups, keeps, items, _magnitude, len(leaves))
+    return _select([None if w is None else (w, a) for w, a in zip(leaves, active)], keep, scope, _magnitude)
 
 
 def _plain(s: jnp.ndarray) -> jnp.ndarray:
@@ -161,11 +148,18 @@ def _shape(item: Any) -> tuple[int, ...]:
     return tuple(jax.tree.leaves(item)[0].shape)
 
 
-def _select(groups: list[list[int]], keeps: list[Any], items: list[Any], score: Any, n_out: int) -> list[Any]:
+def _select(items: list[Any], keep: Any, scope: str, score: Any) -> list[Any]:
+    """Masks of the `keep` top `score(item)` per scope; None items stay None."""
+    check_scope(scope)
+    where = [i for i, x in enumerate(items) if x is not None]
+    if scope == "global":
+        groups, keeps = ([where], [keep]) if where else ([], [])
+    else:
+        groups, keeps = [[i] for i in where], [keep[i] for i in where]
     groups_items = [[items[i] for i in g] for g in groups]
     ks = [_clip_keep(k, _group_size([_shape(x) for x in leaves])) for leaves, k in zip(groups_items, keeps)]
     kept = _topk_groups(groups_items, ks, score)
-    out: list[Any] = [None] * n_out
+    out: list[Any] = [None] * len(items)
     for g, masks in zip(groups, kept):
         for i, m in zip(g, masks):
             out[i] = m
