@@ -104,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     # nonzeros (RigL swaps, never adds). The exported model is then the fine-tuned one.
     c.finetune = ml_collections.ConfigDict(dict(
         enabled=False,
-        epochs=1.0,               # passes over the calibration windows / images
+        epochs=1.0,               # passes over the fine-tuning windows / images
+        n_windows=0,              # LLMs: 0 = the calibration windows; N = the first N windows of the
+                                  # calibration source (a superset of them: more text, same step cost)
         batch=8,                  # windows (LLM) or images (ViT) per step
         lr=1e-4, end_lr=0.0, weight_decay=0.05,  # AdamW, cosine decay
         drop_fraction=0.1,        # RigL (0.05 for transfer)

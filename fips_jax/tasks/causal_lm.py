@@ -59,6 +59,7 @@ def tokens(src: dict, tokenizer, n_tokens: int) -> np.ndarray:
 @dataclasses.dataclass
 class Data:
     calib: np.ndarray       # [windows, window] token ids
+    finetune: np.ndarray    # [windows, window]: what global fine-tuning trains on (calib or a superset)
     eval_ids: np.ndarray    # the scored prefix of the evaluation split
     holdout: np.ndarray     # [windows, context]: held-out reconstruction error
     context: int
@@ -71,7 +72,21 @@ def load_data(run, arch, tokenizer) -> Data:
     data_cfg = run.cfg["data"]
     calib_src, eval_src = data_cfg["calib"], data_cfg["eval"]
     window, n_windows = calib_src["window"], calib_src["n_windows"]
-    calib = data.token_windows(tokens(calib_src, tokenizer, window * n_windows), window, n_windows)
+    ft_windows = int(run.cfg["finetune"].get("n_windows", 0) or 0)
+    if ft_windows < 0:
+        raise ValueError(f"finetune.n_windows must be >= 0 (0 = the calibration windows), got {ft_windows}")
+    # The first windows of one token stream: the fine-tuning windows start with the calibration ones.
+    n_read = max(n_windows, ft_windows)
+    stream = tokens(calib_src, tokenizer, window * n_read)
+    calib = data.token_windows(stream, window, n_windows)
+    if ft_windows:
+        if stream.shape[0] < window * ft_windows:
+            raise ValueError(f"finetune.n_windows={ft_windows}: the calibration source "
+                             f"({calib_src['source']}:{calib_src.get('split', '')}) has only "
+                             f"{stream.shape[0] // window} windows of {window} tokens")
+        ft_ids = data.token_windows(stream[: window * ft_windows], window, ft_windows)
+    else:
+        ft_ids = calib
     context = eval_src["context"]
     # The whole split is tokenised (seconds) so that a run scoring only `max_windows` of its
     # windows can say how many there were: "standard" perplexity means the whole split.
@@ -83,7 +98,7 @@ def load_data(run, arch, tokenizer) -> Data:
     run.log(f"calibration: {calib.shape[0]} windows x {window} tokens ({calib_src['source']}:"
             f"{calib_src.get('split', '')}); evaluation: {report.eval_scope_label(scope, context)}, held-out "
             f"reconstruction: {holdout.size} tokens")
-    return Data(calib, eval_ids, holdout, context, eval_src["protocol"], scope)
+    return Data(calib, ft_ids, eval_ids, holdout, context, eval_src["protocol"], scope)
 
 
 # ---- local optimisation -------------------------------------------------------------------------
@@ -365,7 +380,7 @@ def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: lis
     heldout = {k: [e for st in group_stats for e in st["heldout_rel_error"][k]]
                for k in group_stats[0]["heldout_rel_error"]} if group_stats else {}
     return Calibrated(variants=variants, final=final, layouts=layouts, heldout=heldout, blocks=blocks,
-                      finetune_inputs=dat.calib, finetune_labels=None,
+                      finetune_inputs=dat.finetune, finetune_labels=None,
                       metrics={"groups_stats": group_stats,
                                "data": {"calib_tokens": int(dat.calib.size), "eval_tokens": int(len(dat.eval_ids)),
                                         "heldout_tokens": int(dat.holdout.size),

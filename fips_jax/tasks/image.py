@@ -85,6 +85,9 @@ def load_data(run, arch, tokenizer) -> Data:
     if cfg["local"].get("compute_dtype", "float32") != "float32":
         raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
                          "calibration runs in float32")
+    if cfg["finetune"].get("n_windows", 0):
+        raise ValueError("finetune.n_windows applies to LLM text windows; ViT fine-tuning trains on the "
+                         "calibration images (set data.calib.n_images to train on more)")
     calib, calib_labels = images(data_cfg["calib"], arch, cfg["seed"])
     batches, n_eval, labelled = eval_stream(data_cfg["eval"], arch, cfg["seed"] + 1)
     held, want = [], data_cfg["holdout_images"]
