@@ -12,4 +12,5 @@ def get_config():
     # together they let a group's step fit one 80 GB device.
     c.model.dtype = "bfloat16"
     c.local.block_remat = True
+    c.local.offload_model = True  # the dense model waits in host memory during the local step
     return c

@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     # LLM local loss: one block at a time with its forward recomputed in the backward (step
     # temporaries of one block instead of the group's; same loss up to float rounding).
     c.local.block_remat = False
+    # LLMs: the dense model (and the streams' copies) waits in host memory during each group's
+    # local optimisation, which needs only its host-fed minibatches: on an 8B model 15 GiB of
+    # device memory for a host copy and a transfer each way per group. Changes no result.
+    c.local.offload_model = False
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.

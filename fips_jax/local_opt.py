@@ -288,6 +288,11 @@ class HostBatches:
         return tuple(out)
 
 
+def _buffers(x: jax.Array) -> set:
+    """The device buffers behind x's addressable shards (two arrays may share them)."""
+    return {(str(s.device), s.data.unsafe_buffer_pointer()) for s in x.addressable_shards}
+
+
 def _unshared(tree: Any) -> Any:
     """`tree` with a copy of each leaf that is the same array object as an earlier leaf."""
     seen: set[int] = set()
@@ -325,6 +330,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     param_shardings: Any = None,
     feed: Callable[[int], tuple] | None = None,
+    consume: bool = False,
 ) -> tuple[Params, list[float]]:
     """Run `cfg.steps` updates of `loss_fn(params, step, *feed(step), *consts) -> (loss, aux)`,
     resuming from the latest checkpoint in `ckpt_dir` if there is one.
@@ -346,12 +352,18 @@ def train(
     `name`, the step and the last checkpoint saved (all finite): stopping rather than skipping the
     step, because a NaN here means diverged training or broken inputs, which skipping would hide.
     A rerun resumes from that checkpoint.
+
+    consume: the caller hands `params` over. They are not copied: the step donates them, and
+    every input leaf the masked initial state does not reuse is deleted, so the initial params
+    never sit on the device beside the trained ones (V-sized: 10 GiB for a Llama-3.1-8B group).
+    The caller's references to them are dead afterwards. False: the caller keeps them (a copy).
     """
     from fips_jax import checkpointing, sharding  # pylint: disable=import-outside-toplevel
 
     tx, updater = make_optimizer(cfg)
-    # Copy: the step donates its buffers, and the caller keeps the initial params.
-    params = jax.tree_util.tree_map(jnp.array, params)
+    given = jax.tree_util.tree_leaves(params) if consume else []
+    if not consume:  # the step donates its buffers, and the caller keeps the initial params
+        params = jax.tree_util.tree_map(jnp.array, params)
     out_shardings = None
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
@@ -369,6 +381,12 @@ def train(
     params = updater.post_gradient_update(params, opt_state)
     state = {"params": params, "opt_state": opt_state}
     leaves, treedef = jax.tree_util.tree_flatten(state)
+    if given:  # consumed inputs whose buffers the state does not use (e.g. V before its masking)
+        kept = set().union(*(_buffers(x) for x in leaves if isinstance(x, jax.Array)))
+        for x in given:
+            if isinstance(x, jax.Array) and not x.is_deleted() and not _buffers(x) & kept:
+                x.delete()
+    del given
     ckpt = checkpointing.LoopCheckpointer(ckpt_dir)
     start = ckpt.latest_step() or 0
     losses: list[float] = []

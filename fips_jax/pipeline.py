@@ -29,7 +29,7 @@ from fips_jax.models import base, registry
 
 # Config keys that change no saved stage: changing them on resume is allowed.
 RESUME_SAFE_KEYS = ("checkpoint_every", "log_every", "eval.batch_size", "chunk", "mesh",
-                    "sharding.max_replicated_mib")
+                    "sharding.max_replicated_mib", "local.offload_model")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -98,6 +98,7 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
     task = tasks.for_arch(arch)
     dat = task.load_data(state, arch, tokenizer)
     cal = task.calibrate(state, arch, params, plan, dat, peers)
+    params = params if cal.params is None else cal.params
     final = cal.final
     tuned = global_finetune(state, arch, params, cal)
     if tuned is not None:

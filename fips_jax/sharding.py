@@ -378,3 +378,46 @@ def check_replication(tree: Any, max_replicated_bytes: int, *, top: int = 5) -> 
 def per_device_bytes(shape: Sequence[int], dtype: Any, sharding: NamedSharding) -> int:
     """Bytes one device holds of an array with this shape and sharding."""
     return int(math.prod(sharding.shard_shape(tuple(shape)))) * np.dtype(dtype).itemsize
+
+
+class HostCopy:
+    """The device arrays of some pytrees moved to host memory and back (`local.offload_model`).
+
+    `HostCopy(trees)` copies every distinct jax.Array leaf of `trees`, shard by shard (each
+    process only its addressable shards, a replicated shard once per index), and frees its device
+    buffers: the arrays themselves are deleted, so every other reference to them is dead until
+    `restore()`. `restore()` puts each back with its sharding and returns `trees` with the new
+    arrays; leaves shared between trees (or within one) stay shared. Non-array leaves pass through.
+    """
+
+    def __init__(self, trees: Sequence[Any]):
+        self.trees = list(trees)
+        self._saved: dict[int, tuple[tuple[int, ...], Any, dict]] = {}
+        for tree in self.trees:
+            for leaf in jax.tree_util.tree_leaves(tree):
+                if isinstance(leaf, jax.Array) and id(leaf) not in self._saved:
+                    by_index: dict = {}
+                    for shard in leaf.addressable_shards:
+                        key = _index_key(shard.index)
+                        if key not in by_index:
+                            by_index[key] = np.asarray(shard.data)
+                    self._saved[id(leaf)] = (leaf.shape, leaf.sharding, by_index)
+        for tree in self.trees:
+            for leaf in jax.tree_util.tree_leaves(tree):
+                if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                    leaf.delete()
+        self.nbytes = sum(a.nbytes for _, _, by in self._saved.values() for a in by.values())
+
+    def restore(self) -> list[Any]:
+        new: dict[int, jax.Array] = {}
+        for key, (shape, sh, by_index) in self._saved.items():
+            idx = sh.addressable_devices_indices_map(shape)
+            new[key] = jax.make_array_from_single_device_arrays(
+                shape, sh, [jax.device_put(by_index[_index_key(i)], dev) for dev, i in idx.items()])
+        self._saved = {}
+        return [jax.tree_util.tree_map(lambda leaf: new.get(id(leaf), leaf), tree) for tree in self.trees]
+
+
+def _index_key(index: tuple) -> tuple:
+    """A shard's index (a tuple of slices) as a hashable key."""
+    return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)

@@ -31,6 +31,8 @@ class Calibrated:
     heldout: {variant: [held-out relative error per block, in block order]}.
     finetune_inputs / finetune_labels: what `finetune` trains on.
     metrics: task-specific entries for metrics.json.
+    params: the dense params to go on with, when the task re-placed them (`local.offload_model`
+      deletes the arrays it was given); None: the ones it was given.
     """
 
     variants: dict[str, Callable[[], list] | None]
@@ -41,6 +43,7 @@ class Calibrated:
     finetune_inputs: Any
     finetune_labels: Any
     metrics: dict
+    params: Any = None
 
 
 def relative_error(out, target) -> float:

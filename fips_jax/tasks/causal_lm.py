@@ -216,7 +216,8 @@ def _batch_key(run):
 
 def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]:
     """FiPS's local optimisation of one group: the joint update, or the authors' sequential order
-    (one MLP at a time with a fresh optimiser; later MLPs keep moving U)."""
+    (one MLP at a time with a fresh optimiser; later MLPs keep moving U). The joint update
+    consumes p0 (its device buffers are donated or freed)."""
     cfg, gdir = run.cfg, run.path(grp.dir)
     lcfg = fips.local_config(cfg, grp.steps)
     kw = dict(checkpoint_every=cfg["checkpoint_every"], log=run.log, on_step=run.on_step)
@@ -224,7 +225,7 @@ def _train_fips(run, grp: _Group, p0: dict, loss_fn) -> tuple[dict, list[float]]
     if mode == "joint":
         p_sh = sharding.group_shardings(p0, run.mesh, run.rules, grp.spec.fc_names, grp.spec.transposed)
         return local_opt.train(p0, loss_fn, (), lcfg, os.path.join(gdir, "loop"), name=f"group {grp.g}",
-                               param_shardings=p_sh, feed=grp.batches(_batch_key(run)), **kw)
+                               param_shardings=p_sh, feed=grp.batches(_batch_key(run)), consume=True, **kw)
     if mode != "sequential":
         raise ValueError(f"fips.mode {mode!r} not in ('joint', 'sequential')")
     p1, losses = dict(p0), []
@@ -255,25 +256,30 @@ def _train_parts(run, grp: _Group, name: str, parts: list, parts_loss) -> list:
     return list(zip(layouts, trained))
 
 
-def _compress_group(run, grp: _Group, peers: list, losses_fns) -> tuple[dict, dict]:
+def _compress_group(run, grp: _Group, peers: list, losses_fns, off_device=None) -> tuple[dict, dict]:
     """One group, every method: FiPS's init and local optimisation, each peer's closed form (and
     its refinement with `compare.train`), and everyone's held-out error. Returns (FiPS's final
-    params, the group's stats)."""
+    params, the group's stats). off_device(fn): fn() with the dense model off the device
+    (`local.offload_model`); None: fn()."""
     cfg, log, g, layout, gdir = run.cfg, run.log, grp.g, grp.layout, grp.dir
     fips_loss, parts_loss = losses_fns
+    off_device = off_device or (lambda fn: fn())
     t0 = time.perf_counter()
     p0 = run.stage(f"{gdir}/init", lambda: fips.init(grp.fips_problem)[0][1], "arrays", quiet=True)
     log(f"group {g}: FiPS init ({cfg['fips']['init']}, prune {cfg['fips']['prune']}) {time.perf_counter() - t0:.1f}s")
-    p1, losses = _train_fips(run, grp, p0, fips_loss)
-    errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))]), "fips_final": grp.heldout([(layout, p1)])}
+    errors = {"fips_init": grp.heldout([(layout, fips.one_shot(p0, cfg))])}
+    held = [p0]  # handed over: the joint update frees the init instead of keeping it beside V
+    del p0
+    p1, losses = off_device(lambda: _train_fips(run, grp, held.pop(), fips_loss))
+    errors["fips_final"] = grp.heldout([(layout, p1)])
     for m in peers:
         t_peer = time.perf_counter()
         parts = run.stage(f"{gdir}/{m.NAME}", lambda m=m: m.init(grp.problem), "parts", quiet=True)
         errors[m.NAME] = grp.heldout(parts)
         log(f"group {g}: {m.NAME} {time.perf_counter() - t_peer:.1f}s")
         if cfg["compare"]["train"]:
-            parts = run.stage(f"{gdir}/{m.NAME}_trained",
-                              lambda m=m, p=parts: _train_parts(run, grp, m.NAME, p, parts_loss), "parts", quiet=True)
+            parts = run.stage(f"{gdir}/{m.NAME}_trained", lambda m=m, p=parts: off_device(
+                lambda: _train_parts(run, grp, m.NAME, p, parts_loss)), "parts", quiet=True)
             errors[f"{m.NAME}_trained"] = grp.heldout(parts)
     calib_mse = grp.calib_mse(p1, jnp.float32)
     return p1, {"blocks": list(layout.blocks), "rank": grp.problem.rank, "steps": grp.steps,
@@ -324,6 +330,25 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     losses_fns = _loss_fns(run, arch.mlp_spec)
     need_stats = (any(m.NEEDS_STATS for m in peers), fips.needs_stats(cfg))
     final, group_stats = {}, []
+    streams = [s for s in (calib_stream, hold_stream, student_stream) if s is not None]
+
+    def off_device(grp: _Group):
+        """`local.offload_model`: run fn() with the dense model, and every stream's copy of it,
+        in host memory. The local step needs none of it (its minibatches come from the host), and
+        on an 8-9B model it is 15-17 GiB of device memory. Afterwards every holder gets the
+        re-placed arrays: `params` here, the streams, the group's problems."""
+        def run_off(fn):
+            nonlocal params
+            copy = sharding.HostCopy([params] + [s.params for s in streams])
+            try:
+                return fn()
+            finally:
+                params, *stream_params = copy.restore()
+                for s, p in zip(streams, stream_params):
+                    s.params = p
+                grp.problem = dataclasses.replace(grp.problem, dense_params=params)
+                grp.fips_problem = dataclasses.replace(grp.fips_problem, dense_params=params)
+        return run_off if cfg["local"].get("offload_model", False) else None
     for g, (layout, rank) in enumerate(plan):
         gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
         if g < resume_at:
@@ -341,7 +366,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 x, student_in = calib_stream.advance(layout.blocks), None
             grp = _Group(run, arch, params, layout, rank, g, x, hold_stream.advance(layout.blocks), need_stats,
                          student_in)
-            final[name], stats = _compress_group(run, grp, peers, losses_fns)
+            final[name], stats = _compress_group(run, grp, peers, losses_fns, off_device(grp))
             saved = {"calib": calib_stream.state(), "holdout": hold_stream.state()}
             if student:  # the group again, now compressed: the next group's inputs
                 student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
@@ -360,10 +385,10 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
                 f"{k} {np.mean(v):.4f}" for k, v in stats["heldout_rel_error"].items()))
         group_stats.append(stats)
-    return _calibrated(run, plan, dat, peers, final, group_stats)
+    return _calibrated(run, plan, dat, peers, final, group_stats, params)
 
 
-def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: list) -> Calibrated:
+def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: list, params) -> Calibrated:
     """The variants to evaluate, each loaded from the stage store only when it is evaluated."""
     cfg = run.cfg
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
@@ -380,7 +405,7 @@ def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: lis
     heldout = {k: [e for st in group_stats for e in st["heldout_rel_error"][k]]
                for k in group_stats[0]["heldout_rel_error"]} if group_stats else {}
     return Calibrated(variants=variants, final=final, layouts=layouts, heldout=heldout, blocks=blocks,
-                      finetune_inputs=dat.finetune, finetune_labels=None,
+                      finetune_inputs=dat.finetune, finetune_labels=None, params=params,
                       metrics={"groups_stats": group_stats,
                                "data": {"calib_tokens": int(dat.calib.size), "eval_tokens": int(len(dat.eval_ids)),
                                         "heldout_tokens": int(dat.holdout.size),

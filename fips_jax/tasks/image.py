@@ -85,6 +85,9 @@ def load_data(run, arch, tokenizer) -> Data:
     if cfg["local"].get("compute_dtype", "float32") != "float32":
         raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
                          "calibration runs in float32")
+    if cfg["local"].get("offload_model", False):
+        raise ValueError("local.offload_model applies to LLM calibration (host-fed MLP minibatches); ViT "
+                         "block-output calibration runs the dense blocks in its loss")
     if cfg["finetune"].get("n_windows", 0):
         raise ValueError("finetune.n_windows applies to LLM text windows; ViT fine-tuning trains on the "
                          "calibration images (set data.calib.n_images to train on more)")
