@@ -31,6 +31,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -40,7 +41,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from configs import gemma2_9b, llama3_8b  # noqa: E402
-from fips_jax import budget, local_opt, sharding  # noqa: E402
+from fips_jax import budget, factors, local_opt, sharding, svd_init  # noqa: E402
 from fips_jax.models import registry  # noqa: E402
 
 GiB = 2**30
@@ -147,6 +148,25 @@ def step_memory(arch, d: int, p: int, n: int, rank: int, batch: int, cfg, algori
     return step.lower(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32), x, x).compile().memory_analysis()
 
 
+def init_memory(d: int, p: int, n: int, f: int, rank: int, cfg, mesh) -> Any:
+    """XLA's memory analysis of the group's SVD init as the run config computes it (`fips.init`
+    svd or gram, `methods.fips.group_init`): the group matrix W [d, n*F*p] in the model's dtype in,
+    U and V float32 out with the run's shardings (gram: W split along its long axis)."""
+    kw = dict(rank=rank, n_blocks=n, n_fcs=f, tau=cfg.fips.tau)
+    w = jax.ShapeDtypeStruct((d, n * f * p), jnp.dtype(cfg.model.dtype))
+    named = lambda axes, shape: NamedSharding(mesh, sharding.logical_to_spec(axes, mesh, sharding.DEFAULT_RULES,
+                                                                             shape))
+    if cfg.fips.init == "gram":
+        out = factors.FipsFactors(u=named(sharding.U_AXES, (d, rank)), v=named(sharding.V_AXES, (n, f, rank, p)))
+        fn = jax.jit(functools.partial(svd_init.init_group_gram, **kw),
+                     in_shardings=(named(sharding.GROUP_MATRIX_AXES, w.shape),), out_shardings=out)
+    elif cfg.fips.init == "svd":  # `group_init` places nothing: one device's SVD of the whole W
+        fn = jax.jit(functools.partial(svd_init.init_group, **kw))
+    else:
+        raise ValueError(f"fips.init {cfg.fips.init!r}: the plan covers svd and gram")
+    return fn.lower(w).compile().memory_analysis()
+
+
 def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     """(summary, device rows, host rows) for one model on every target."""
     hf, cfg = HF_CONFIGS[model], RUN_CONFIGS[model]
@@ -187,13 +207,27 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     args = {t.name: xla["dense"][t.name].argument_size_in_bytes for t in TARGETS}
     rows.append(Row("step arguments, XLA, dense (check: U + V + Adam + one minibatch)", "", "", None, args))
     model_row = dense[0] if model_dtype == jnp.bfloat16 else dense[1]
-    resident = {t.name: model_row.per_device[t.name] + sum(r.per_device[t.name] for r in held) for t in TARGETS}
+    offload = bool(cfg.local.get("offload_model", False))
+    # `local.offload_model`: the dense model is in host memory during the local step.
+    resident = {t.name: (0 if offload else model_row.per_device[t.name]) + sum(r.per_device[t.name] for r in held)
+                for t in TARGETS}
+
+    # The SVD init: the dense model is on the device (the stream needs it between local steps).
+    inits = {t.name: init_memory(d, p, n, f, rank, cfg, meshes[t.name]) for t in TARGETS}
+    rows.append(Row(f"SVD init ({cfg.fips.init}), XLA: W in + U, V out", f"[{d}, {n * f * p}] -> U, V", "", None,
+                    {t: m.argument_size_in_bytes + m.output_size_in_bytes for t, m in inits.items()}))
+    rows.append(Row(f"temporaries, XLA, SVD init ({cfg.fips.init})", "", "", None,
+                    {t: m.temp_size_in_bytes for t, m in inits.items()}))
+    rows.append(Row(f"**peak, SVD init ({cfg.fips.init})**", f"{model_dtype.name} model + W + U, V + temporaries", "",
+                    None, {t: model_row.per_device[t] + m.argument_size_in_bytes + m.output_size_in_bytes
+                           + m.temp_size_in_bytes for t, m in inits.items()}))
+    where = "host" if offload else model_dtype.name
     for kind, label in (("init", "optimiser init (first masks)"), ("dense", "step without mask update"),
                         ("gmp", "GMP/RigL mask-update step")):
         results = {t: m for t, m in xla[kind].items() if t != "error"}
         rows.append(Row(f"temporaries, XLA, {label}", "", "", None, {
             t: m if isinstance(m, str) else m.temp_size_in_bytes for t, m in results.items()}))
-        rows.append(Row(f"**peak, {label}**", f"{model_dtype.name} model + arrays + temporaries", "", None, {
+        rows.append(Row(f"**peak, {label}**", f"model ({where}) + arrays + temporaries", "", None, {
             t: m if isinstance(m, str) else resident[t] + m.temp_size_in_bytes for t, m in results.items()}))
 
     host = [
@@ -202,6 +236,12 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
         Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", model_dtype.name,
             2 * n * tokens * d * model_dtype.itemsize, {}),
     ]
+    if offload:
+        groups = math.ceil(hf["num_hidden_layers"] / n)
+        host.append(Row("the dense model during the local step (host, `local.offload_model`)",
+                        f"{n_params / 1e9:.2f}B", model_dtype.name, model_row.total, {}))
+        host.append(Row("the finished groups' FiPS factors, at the last group (host, `local.offload_model`)",
+                        f"{groups - 1} x (U + V)", "float32", (groups - 1) * (u.total + v.total), {}))
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
                    sparsity=cfg.fips.sparsity, tokens=tokens, batch_tokens=cfg.local.batch_tokens,
@@ -226,7 +266,9 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
            "Generated by `python -m benchmarks.memory_plan --write docs/memory_plan.md` (see its docstring "
            "for the method). GiB per device on a mesh `{data: 1, fsdp: <devices>, tensor: 1}` with the "
            "default logical-axis rules of `fips_jax/sharding.py`; `total` is the unsharded size. The dense "
-           "model stays resident in bfloat16 during the local step; FiPS factors, masks and optimiser state "
+           "model (bfloat16) is on the device for the teacher stream and the SVD init, and in host memory "
+           "during the local step (`local.offload_model`, on in both configs), where finished groups' factors "
+           "wait too; FiPS's initial factors are handed to the local step, not kept beside it. FiPS factors, masks and optimiser state "
            "are float32/bool as the pipeline keeps them. The group's MLP inputs and targets stay on the "
            "host in bfloat16; the device holds the step's minibatch of them and the prefetched next one. "
            "Rows marked XLA come from compiling the real sharded local step for that device count (CPU "
@@ -267,10 +309,13 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             "temporaries). Same loss up to float rounding; off by default.",
             "- Magnitude top-k (done): GMP/RigL mask updates and the first masks score |V| inside each "
             "bisection pass instead of from a float32 copy of V (Llama, one device: 10 GiB less in both).",
-            "- Not done, next in size for one A100: the dense bfloat16 model (15-17 GiB) could leave the "
-            "device during the local step (the stream needs it between groups only); Adam's mu and nu "
-            "(2 x V, float32) could be kept in bfloat16 or only for V's kept entries; masks could be "
-            "bit-packed (V entries / 8 bytes instead of / 1).",
+            "- `local.offload_model` (done, on in both configs): the dense bfloat16 model (15-17 GiB) waits "
+            "in host memory during the local step, which reads only host-fed minibatches; it costs a host "
+            "copy of the model and one transfer each way per group. The local step also consumes FiPS's "
+            "initial factors instead of keeping them beside the trained ones (a second V, 10 GiB for "
+            "Llama; earlier plans did not count it).",
+            "- Not done, next in size: Adam's mu and nu (2 x V, float32) could be kept in bfloat16 or only "
+            "for V's kept entries; masks could be bit-packed (V entries / 8 bytes instead of / 1).",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
             "roughly halve them at the cost of less sharing.",
             "- More devices on `fsdp` divide everything above except the gathered minibatch activations "

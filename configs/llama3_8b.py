@@ -13,4 +13,5 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.local.block_remat = True
     c.local.offload_model = True  # the dense model waits in host memory during the local step
+    c.fips.init = "gram"  # U from W W^T with W split over the devices: no one-device SVD of [d, n*3*p]
     return c

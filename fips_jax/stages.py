@@ -37,6 +37,19 @@ def _save_arrays(path: str, tree: dict) -> None:
         checkpointing.save_arrays(path, {k: np.asarray(v) for k, v in flat.items()})
 
 
+def host_tree(tree: Any) -> Any:
+    """`tree` with every jax array replaced by a full numpy copy on this host (collective: a
+    sharded array is gathered from every process), freeing nothing itself: the caller drops the
+    device arrays by dropping its references."""
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    def one(v):
+        if not isinstance(v, jax.Array):
+            return v
+        return np.asarray(v) if v.is_fully_addressable else np.asarray(multihost_utils.process_allgather(v, tiled=True))
+    return jax.tree_util.tree_map(one, tree)
+
+
 def load_arrays(path: str) -> dict:
     """An array tree written by a stage (nested dicts of jax arrays)."""
     flat = {k: jnp.asarray(v) for k, v in checkpointing.load_arrays(path).items()}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import calibration, calib_stats, checkpointing, data, factors, local_opt, report, sharding
+from fips_jax import calibration, calib_stats, checkpointing, data, factors, local_opt, report, sharding, stages
 from fips_jax.evaluators import perplexity
 from fips_jax.methods import GroupStats, Problem
 from fips_jax.methods import fips
@@ -331,6 +331,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     need_stats = (any(m.NEEDS_STATS for m in peers), fips.needs_stats(cfg))
     final, group_stats = {}, []
     streams = [s for s in (calib_stream, hold_stream, student_stream) if s is not None]
+    offload = bool(cfg["local"].get("offload_model", False))
 
     def off_device(grp: _Group):
         """`local.offload_model`: run fn() with the dense model, and every stream's copy of it,
@@ -348,13 +349,15 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                     s.params = p
                 grp.problem = dataclasses.replace(grp.problem, dense_params=params)
                 grp.fips_problem = dataclasses.replace(grp.fips_problem, dense_params=params)
-        return run_off if cfg["local"].get("offload_model", False) else None
+        return run_off if offload else None
     for g, (layout, rank) in enumerate(plan):
         gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
         if g < resume_at:
             final[name], stats = run.load(f"{gdir}/final", "arrays"), run.load(f"{gdir}/stats")
             if student:
                 student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
+            if offload:
+                final[name] = stages.host_tree(final[name])
         else:
             t0 = time.perf_counter()
             if student:
@@ -375,6 +378,8 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 saved["student"] = student_stream.state()
             stats["seconds"] = time.perf_counter() - t0
             run.save(f"{gdir}/final", final[name], "arrays")
+            if offload:  # a finished group's factors (V-sized) wait on the host, not beside the next group's
+                final[name] = stages.host_tree(final[name])
             run.save(f"{gdir}/hidden_after", saved, "arrays")
             run.save(f"{gdir}/stats", stats)
             if g and sharding.is_writer():  # only the newest stream state is needed to resume
