@@ -12,7 +12,10 @@ shapes those rules give, so an array the rules fail to split shows up at full si
 The group's MLP inputs and targets stay on the host in the model's dtype (`model.dtype` of the
 configs: bfloat16) and each
 step receives one minibatch `[n, batch_tokens, d]` of each (`local_opt.HostBatches`); the device
-holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`.
+holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`. The host does
+not hold them either: the configs set `local.store=disk`, so they are files of the workdir read a
+minibatch at a time (`calibration.ActivationStore`), and the process's RSS holds about one minibatch
+of them (`benchmarks/activation_store.py`).
 
 Temporaries of the local step are not guessed: the real jitted step (`local_opt.make_step` on
 `mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a minibatch in the

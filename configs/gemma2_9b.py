@@ -12,4 +12,11 @@ def get_config():
     # together they let a group's step fit one 80 GB device.
     c.model.dtype = "bfloat16"
     c.local.block_remat = True
+    # A group's calibration activations on disk (`local.store`): its teacher MLP inputs x and
+    # targets y, [6 blocks, 163840 tokens, 3584] in bfloat16, are 6.6 GiB each, 13 GiB of host RAM
+    # per process in memory (another 13 with local.inputs=student). As files under
+    # <workdir>/groups/gNN/acts/, read a minibatch at a time with their pages released after each
+    # read, the process holds about a minibatch of them; the page cache keeps what the machine has
+    # room for. The workdir's disk needs that room; the files go when the group is done.
+    c.local.store = "disk"
     return c
