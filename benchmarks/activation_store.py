@@ -120,7 +120,8 @@ def child(args) -> dict:
     del arrays, feed
     store.clear()
     times.sort()
-    return {"mode": args.mode, "shape": list(shape), "dtype": str(dtype), "store_bytes": 2 * int(np.prod(shape)) * dtype.itemsize,
+    return {"mode": args.mode, "shape": list(shape), "dtype": str(dtype),
+            "store_bytes": 2 * int(np.prod(shape)) * dtype.itemsize,
             "file_bytes": file_bytes, "rss_before": rss0, "write_peak": write_peak, "write_s": write_s,
             "rss_after_write": rss1, "gather_peak": gather_peak, "rss_after_epoch": rss_end,
             "steps": steps, "batch": args.batch, "gather_ms_median": 1e3 * times[len(times) // 2],
@@ -156,11 +157,13 @@ def main():
           "| write s | gather x+y ms (median / mean) | device_put ms (mean) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
-        print(f"| {r['mode']} | {r['rss_before'] / MiB:.0f} | {r['write_peak'] / MiB:.0f} | {r['gather_peak'] / MiB:.0f} "
+        print(f"| {r['mode']} | {r['rss_before'] / MiB:.0f} | {r['write_peak'] / MiB:.0f} "
+              f"| {r['gather_peak'] / MiB:.0f} "
               f"| {r['rss_after_epoch'] / MiB:.0f} | {r['file_bytes'] / MiB:.0f} | {r['write_s']:.2f} "
               f"| {r['gather_ms_median']:.1f} / {r['gather_ms_mean']:.1f} | {r['put_ms_mean']:.1f} |")
     for r in results:
-        print(f"- {r['mode']}: peak RSS above the start {(max(r['write_peak'], r['gather_peak']) - r['rss_before']) / MiB:.0f} "
+        above = max(r["write_peak"], r["gather_peak"]) - r["rss_before"]
+        print(f"- {r['mode']}: peak RSS above the start {above / MiB:.0f} "
               f"MiB for {r['store_bytes'] / MiB:.0f} MiB of activations"
               + ("" if r["peak_from_vmhwm"] else " (peaks sampled after each chunk: VmHWM could not be reset)"))
 

@@ -16,8 +16,8 @@ def get_config():
     # targets y, [8 blocks, 163840 tokens, 4096] in bfloat16, are 10 GiB each, 20 GiB of host RAM
     # per process in memory (another 20 with local.inputs=student, and the float32 block outputs,
     # 2 x 20 GiB, while the student's targets are formed with local.drift > 0). As files under
-    # <workdir>/groups/gNN/acts/, read a minibatch at a time with their pages released after each
-    # read, the process holds about a minibatch of them; the page cache keeps what the machine has
+    # <workdir>/groups/gNN/acts/, read a slice or minibatch at a time (`calibration.ActivationStore`),
+    # the process holds about a minibatch of them; the page cache keeps what the machine has
     # room for. The workdir's disk needs that room; the files go when the group is done.
     c.local.store = "disk"
     return c

@@ -1,9 +1,10 @@
 """Teacher activations from the dense model, streamed so that no run holds every layer at once.
 
 LLMs (SPEC §4): the calibration tokens flow through the dense model one group of blocks at a
-time; for each group we keep only that group's MLP inputs `[n, tokens, d]` and the hidden state
-after it. ViTs: the block inputs and outputs of a minibatch are recomputed from the dense model
-inside each training step (teacher forcing), so nothing is cached.
+time; for each group we keep only that group's MLP inputs `[n, tokens, d]` (in host memory, or
+in files read a slice at a time: `ActivationStore`, `local.store`) and the hidden state after it.
+ViTs: the block inputs and outputs of a minibatch are recomputed from the dense model inside each
+training step (teacher forcing), so nothing is cached.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ class ActivationStore:
 
     memory (directory None): `np.empty`, anonymous host memory, as the arrays always were.
     disk: each array is a `.npy` file under `directory` mapped with `np.lib.format.open_memmap`;
-    writers fill it a chunk at a time and readers read it a minibatch or slice at a time, each
-    calling `release` after, so the process's RSS holds about one chunk of it, not the array
-    (touched pages of a shared file mapping count in RSS until they are dropped). The file data
-    stays in the page cache, which the kernel reclaims (writing dirty pages back) under pressure.
+    writers fill it a chunk at a time and readers read slices of it, each calling `release`
+    after (touched pages of a shared file mapping count in RSS until they are dropped), and
+    training minibatches of random token positions are read with `gather` (`os.preadv`, nothing
+    mapped), so the process's RSS holds about one chunk or minibatch of it, not the array. The
+    file data stays in the page cache, which the kernel reclaims (writing dirty pages back) under
+    pressure. For Llama-3.1-8B (groups of 8 blocks, 163,840 calibration tokens, d 4096, bfloat16)
+    x and y are 10 GiB each: 20 GiB of RAM per process in memory, a minibatch on disk.
     A name is overwritten if it exists (a run killed mid-group leaves stale files: the next
     attempt recomputes them); `clear` deletes the directory when the group is done.
     """
@@ -48,10 +52,6 @@ class ActivationStore:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)  # stale files of an interrupted attempt
             os.makedirs(directory, exist_ok=True)
-
-    @property
-    def on_disk(self) -> bool:
-        return self.directory is not None
 
     def alloc(self, shape: Sequence[int], dtype: Any, name: str) -> np.ndarray:
         if self.directory is None:

@@ -93,9 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.block_remat = False
     # LLM: where a group's calibration activations ([blocks, tokens, d] MLP inputs, targets, the
     # student's, and the block outputs forming the drift) live on the host: memory (anonymous
-    # RAM) | disk (files under <workdir>/groups/gNN/acts/, mapped and read a minibatch at a
-    # time with their pages released after each read, deleted when the group is done: RSS holds
-    # a minibatch instead of the group's arrays; same numbers). Resume-safe.
+    # RAM) | disk (files under <workdir>/groups/gNN/acts/, read a slice or minibatch at a time,
+    # deleted when the group is done: RSS holds a minibatch instead of the group's arrays; same
+    # numbers; `calibration.ActivationStore`). Resume-safe.
     c.local.store = "memory"
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device

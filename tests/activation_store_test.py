@@ -2,6 +2,7 @@
 numbers as in memory, gone when the group is done, and their pages released after each read."""
 
 import os
+import types
 
 import jax
 import numpy as np
@@ -229,7 +230,7 @@ def test_memory_run_removes_the_files_of_an_interrupted_disk_attempt(tmp_path):
     stale = tmp_path / "groups" / "g01" / "acts" / "p0"
     os.makedirs(stale)
     (stale / "x.npy").write_bytes(b"stale")
-    run = type("Run", (), {"cfg": {"local": {"store": "memory"}}, "path": lambda self, *p: os.path.join(tmp_path, *p)})()
+    run = types.SimpleNamespace(cfg={"local": {"store": "memory"}}, path=lambda *p: os.path.join(tmp_path, *p))
     assert causal_lm._group_store(run, "groups/g01") is calibration.MEMORY  # pylint: disable=protected-access
     assert not os.path.exists(tmp_path / "groups" / "g01" / "acts")
     run.cfg["local"]["store"] = "disk"
