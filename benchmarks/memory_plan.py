@@ -12,7 +12,10 @@ shapes those rules give, so an array the rules fail to split shows up at full si
 The group's MLP inputs and targets stay on the host in the model's dtype (`model.dtype` of the
 configs: bfloat16) and each
 step receives one minibatch `[n, batch_tokens, d]` of each (`local_opt.HostBatches`); the device
-holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`.
+holds that minibatch and the prefetched next one, never the whole `[n, tokens, d]`. The host does
+not hold them either: the configs set `local.store=disk`, so they are files of the workdir read a
+minibatch at a time (`calibration.ActivationStore`), and the process's RSS holds about one minibatch
+of them (`benchmarks/activation_store.py`).
 
 Temporaries of the local step are not guessed: the real jitted step (`local_opt.make_step` on
 `mlp_group_loss`, AdamW + the sparsity updater, with the run's shardings, fed a minibatch in the
@@ -230,17 +233,20 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
         rows.append(Row(f"**peak, {label}**", f"model ({where}) + arrays + temporaries", "", None, {
             t: m if isinstance(m, str) else resident[t] + m.temp_size_in_bytes for t, m in results.items()}))
 
+    on_disk = cfg.local.get("store", "memory") == "disk"
     host = [
-        Row("hidden-state stream (host)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]",
+        Row("hidden-state stream (RAM)", f"[{cfg.data.calib.n_windows}, {cfg.data.calib.window}, {d}]",
             model_dtype.name, tokens * d * model_dtype.itemsize, {}),
-        Row("one group's MLP inputs + targets (host)", f"2 x [{n}, {tokens}, {d}]", model_dtype.name,
-            2 * n * tokens * d * model_dtype.itemsize, {}),
+        Row(f"one group's MLP inputs + targets ({'disk, `local.store=disk`' if on_disk else 'RAM'})",
+            f"2 x [{n}, {tokens}, {d}]", model_dtype.name, 2 * n * tokens * d * model_dtype.itemsize, {}),
+        Row("minibatch gathers, current + prefetched (RAM)", f"2 x 2 x [{n}, {batch}, {d}]", model_dtype.name,
+            4 * n * batch * d * model_dtype.itemsize, {}),
     ]
     if offload:
         groups = math.ceil(hf["num_hidden_layers"] / n)
-        host.append(Row("the dense model during the local step (host, `local.offload_model`)",
+        host.append(Row("the dense model during the local step (RAM, `local.offload_model`)",
                         f"{n_params / 1e9:.2f}B", model_dtype.name, model_row.total, {}))
-        host.append(Row("the finished groups' FiPS factors, at the last group (host, `local.offload_model`)",
+        host.append(Row("the finished groups' FiPS factors, at the last group (RAM, `local.offload_model`)",
                         f"{groups - 1} x (U + V)", "float32", (groups - 1) * (u.total + v.total), {}))
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
@@ -287,10 +293,13 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             out.append(f"| {r.name} | {r.shape} | {r.dtype} | {_cell(r.total)} | "
                        + " | ".join(_cell(r.per_device.get(t.name), t.hbm_gib, peak) for t in TARGETS) + " |")
         out.append("")
-        out.append("Host memory of the process that streams the teacher (every process, as the code stands; "
-                   "the minibatch gathers add 2 x [n, batch_tokens, d]): "
-                   + "; ".join(f"{h.name.replace(' (host)', '')} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB"
-                               for h in host) + ".")
+        ram = [h for h in host if "(RAM" in h.name]
+        stream = [h for h in ram if "offload_model" not in h.name]
+        out.append("Host memory of each process (every process streams the whole teacher, as the code stands): "
+                   + "; ".join(f"{h.name} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB" for h in host)
+                   + f". In RAM for the teacher stream and its minibatches: {sum(h.total for h in stream) / GiB:.2f} GiB"
+                   + (f"; with what `local.offload_model` moves there: {sum(h.total for h in ram) / GiB:.2f} GiB"
+                      if len(ram) > len(stream) else "") + ".")
         if s["gmp_error"]:
             out.append(f"Mask computation: `{s['gmp_error']}` ({s['v_entries']:,} V entries).")
         out.append("")

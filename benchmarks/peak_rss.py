@@ -3,6 +3,7 @@ Llama-shaped model it extrapolates to.
 
     python benchmarks/peak_rss.py --out=/tmp/peak_rss                    # all cases, ~70 min on 2 shared cores
     python benchmarks/peak_rss.py --out=/tmp/peak_rss --cases=smollm2,llama_1.1b
+    python benchmarks/peak_rss.py --out=/tmp/peak_rss_disk --store=disk    # local.store=disk
 
 Every case runs `python -m fips_jax.main --config=... --workdir=<fresh dir> --config.x=...` in its
 own process (under `nice -n 5`), so its peak RSS is that process's alone: `wait4`'s ru_maxrss for
@@ -21,6 +22,9 @@ Cases (few steps each: this measures memory, not quality):
 
 All cases: 4 calibration windows x 512 tokens, minibatch 1024 tokens, 1 epoch (2 steps per group,
 GMP with a mask update at step 1), one held-out window, one short perplexity window, float32.
+`--store=disk` runs every case with `--config.local.store=disk` (each group's calibration
+activations in files of the workdir, read a minibatch at a time) to compare with the default
+`memory`; use another --out for it (--reuse only keeps results of the same store).
 
 The random Llama cases share every setting but the width, so `peak = a + b * params` is fitted
 on those that finished and solved for the machine's memory: an extrapolation from a few points,
@@ -279,7 +283,7 @@ def breakdown(res: dict) -> dict:
         "all_mlp_kernels (per-layer SVD baseline copy; each assembled eval model)": mlp_all * b,
         "largest group V, stored dense (n*F*r*p)": n * fcs * r * p * b,
         "all groups' V, stored dense (init_params + final_params hold one each)": v_all * b,
-        "largest group calibration x and y (2*n*T*d)": 2 * n * t * d * b,
+        "largest group calibration x and y (2*n*T*d; in files with local.store=disk)": 2 * n * t * d * b,
         "hidden state stream (T*d)": t * d * b,
     }
 
@@ -338,6 +342,8 @@ def main():
     ap.add_argument("--min_available_gib", type=float, default=0.75,
                     help="stop a child when the machine's MemAvailable drops below this")
     ap.add_argument("--timeout_s", type=float, default=3600, help="per case")
+    ap.add_argument("--store", choices=("memory", "disk"), default="memory",
+                    help="local.store of every case: the group's activations in memory or in files")
     ap.add_argument("--reuse", action="store_true",
                     help="keep cases of an earlier --out/peak_rss.json (ok, or stopped for memory); run the rest")
     args = ap.parse_args()
@@ -354,7 +360,8 @@ def main():
     if args.reuse and os.path.exists(json_path):
         with open(json_path) as fi:
             earlier = {r["name"]: r for r in json.load(fi)["results"]
-                       if r["status"] == "ok" or r["status"].startswith("stopped by this script at RSS")}
+                       if (r["status"] == "ok" or r["status"].startswith("stopped by this script at RSS"))
+                       and r["overrides"].get("local.store", "memory") == args.store}
     t0 = time.perf_counter()
     results = []
     for name in names:
@@ -363,7 +370,10 @@ def main():
                   f"peak RSS {earlier[name]['peak_rss_gib']:.2f} GiB, {earlier[name]['wall_s']:.0f}s)", flush=True)
             res = earlier[name]
         else:
-            res = run_case(CASES[name], args.out, args.keep_workdirs, args.min_available_gib, args.timeout_s)
+            case = CASES[name]
+            if args.store != "memory":
+                case = {**case, "overrides": {**case["overrides"], "local.store": args.store}}
+            res = run_case(case, args.out, args.keep_workdirs, args.min_available_gib, args.timeout_s)
         res["fit"] = CASES[name]["fit"]
         results.append(res)
     total = time.perf_counter() - t0
@@ -404,7 +414,7 @@ def main():
                       f"{pred:.1f} GiB; it had reached {r['peak_rss_gib']:.2f} GiB.")
     print(f"\ntotal wall time {total:.0f}s")
     with open(json_path, "w") as fo:
-        json.dump({"results": results, "fit": f, "total_wall_s": total,
+        json.dump({"results": results, "fit": f, "total_wall_s": total, "store": args.store,
                    "machine": {"cpus": os.cpu_count(), "mem_total_gib": mi["MemTotal"] / GiB,
                                "mem_available_at_start_gib": mi["MemAvailable"] / GiB}}, fo, indent=1)
     print(f"wrote {json_path}")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fips_jax import calibration
 from fips_jax.models import base
 
 Stats = dict  # {"in": [.., d, d] float64, "hidden": [.., p, p] float64, "n": int tokens}
@@ -134,5 +135,6 @@ def group_input_grams(spec: base.MlpSpec, stacked_mlp_params: Mapping[str, Any],
         g_in, g_h = _group_chunk_grams(spec, stacked_mlp_params, jnp.asarray(x[:, s:s + chunk]))
         out["in"] += np.asarray(g_in, np.float64)
         out["hidden"] += np.asarray(g_h, np.float64)
+        calibration.release(x[:, s:s + chunk])  # a file-backed x (local.store=disk): drop the chunk's pages
     out["n"] += int(x.shape[1])
     return out

@@ -1,13 +1,17 @@
 """Teacher activations from the dense model, streamed so that no run holds every layer at once.
 
 LLMs (SPEC §4): the calibration tokens flow through the dense model one group of blocks at a
-time; for each group we keep only that group's MLP inputs `[n, tokens, d]` and the hidden state
-after it. ViTs: the block inputs and outputs of a minibatch are recomputed from the dense model
-inside each training step (teacher forcing), so nothing is cached.
+time; for each group we keep only that group's MLP inputs `[n, tokens, d]` (in host memory, or
+in files read a slice at a time: `ActivationStore`, `local.store`) and the hidden state after it.
+ViTs: the block inputs and outputs of a minibatch are recomputed from the dense model inside each
+training step (teacher forcing), so nothing is cached.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -15,6 +19,146 @@ import jax.numpy as jnp
 import numpy as np
 
 from fips_jax.models import base
+
+
+STORES = ("memory", "disk")
+
+
+def check_store(kind: str) -> str:
+    """`local.store`, refused with the allowed values if unknown."""
+    if kind not in STORES:
+        raise ValueError(f"local.store {kind!r} not in {STORES}")
+    return kind
+
+
+class ActivationStore:
+    """Allocator of a group's [n_blocks, n_tokens, d] activation arrays (`local.store`).
+
+    memory (directory None): `np.empty`, anonymous host memory, as the arrays always were.
+    disk: each array is a `.npy` file under `directory` mapped with `np.lib.format.open_memmap`;
+    writers fill it a chunk at a time and readers read slices of it, each calling `release`
+    after (touched pages of a shared file mapping count in RSS until they are dropped), and
+    training minibatches of random token positions are read with `gather` (`os.preadv`, nothing
+    mapped), so the process's RSS holds about one chunk or minibatch of it, not the array. The
+    file data stays in the page cache, which the kernel reclaims (writing dirty pages back) under
+    pressure. For Llama-3.1-8B (groups of 8 blocks, 163,840 calibration tokens, d 4096, bfloat16)
+    x and y are 10 GiB each: 20 GiB of RAM per process in memory, a minibatch on disk.
+    A name is overwritten if it exists (a run killed mid-group leaves stale files: the next
+    attempt recomputes them); `clear` deletes the directory when the group is done.
+    """
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)  # stale files of an interrupted attempt
+            os.makedirs(directory, exist_ok=True)
+
+    def alloc(self, shape: Sequence[int], dtype: Any, name: str) -> np.ndarray:
+        if self.directory is None:
+            return np.empty(tuple(shape), dtype)
+        path = os.path.join(self.directory, f"{name}.npy")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+
+    def delete(self, name: str) -> None:
+        """Delete one array's file; its disk space returns once the last view of it is dropped."""
+        if self.directory is not None:
+            try:
+                os.remove(os.path.join(self.directory, f"{name}.npy"))
+            except FileNotFoundError:
+                pass
+
+    def clear(self) -> None:
+        """Delete the files (mappings still open stay readable until they are dropped), and the
+        parent folder when no other process's folder is left in it."""
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            try:
+                os.rmdir(os.path.dirname(self.directory))
+            except OSError:
+                pass
+
+
+MEMORY = ActivationStore()
+
+
+def _mapping(a: Any) -> mmap.mmap | None:
+    """The file mapping `a` is a view of (a memmap or any view of one), None for other arrays."""
+    while a is not None:
+        if isinstance(a, mmap.mmap):
+            return a
+        m = getattr(a, "_mmap", None)
+        if m is not None:
+            return m
+        a = getattr(a, "base", None)
+    return None
+
+
+def release(a: Any) -> None:
+    """Drop the resident pages of the part of a file mapping that array view `a` spans
+    (`madvise(MADV_DONTNEED)`: the data stays in the file / page cache and is read back on the
+    next access); nothing for arrays that are not file-backed."""
+    mm = _mapping(a)
+    if mm is None or mm.closed or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = np.frombuffer(mm, np.uint8)
+    start_addr = base.ctypes.data
+    del base  # the buffer export of the mapping ends here
+    lo, hi = np.lib.array_utils.byte_bounds(a) if hasattr(np.lib, "array_utils") else np.byte_bounds(a)
+    start = max(lo - start_addr, 0) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(hi - start_addr, len(mm))
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _memmap(a: Any) -> tuple[np.memmap, mmap.mmap] | tuple[None, None]:
+    """The memmap (file name, offset) and mapping array `a` is a view of, (None, None) if none."""
+    while a is not None:
+        if isinstance(a, np.memmap) and getattr(a, "_mmap", None) is not None and a.filename:
+            return a, a._mmap  # pylint: disable=protected-access
+        a = getattr(a, "base", None)
+    return None, None
+
+
+def gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """`a[:, idx]` of a host array [n, T, ...] as a new C-contiguous array (a training minibatch of
+    token positions). A file-backed `a` is read with one `os.preadv` per row, in file order,
+    without mapping any of it: through the mapping, each row touched would map the whole
+    page-cache folio around it (up to megabytes on recent kernels), so a minibatch of random
+    rows maps most of the file until it is released. The same numbers either way."""
+    m, mm = _memmap(a)
+    row_shape = a.shape[2:]
+    row = int(np.prod(row_shape, dtype=np.int64)) * a.itemsize
+    contiguous_rows = a.ndim >= 2 and np.ascontiguousarray(a[:1, :1]).strides[2:] == a.strides[2:]
+    if m is None or mm.closed or not contiguous_rows or a.strides[1] < 0 or a.strides[0] < 0:
+        out = np.ascontiguousarray(a[:, idx])
+        release(a)
+        return out
+    try:
+        fd = os.open(m.filename, os.O_RDONLY)
+    except OSError:  # the file is gone (its group is done) but the mapping is not: read through it
+        out = np.ascontiguousarray(a[:, idx])
+        release(a)
+        return out
+    idx = np.asarray(idx, np.int64)
+    out = np.empty((a.shape[0], idx.shape[0]) + row_shape, a.dtype)
+    base = np.frombuffer(mm, np.uint8)
+    # File offset of a[0, 0]: numpy maps the file from the allocation granule below m.offset.
+    first = m.offset - m.offset % mmap.ALLOCATIONGRANULARITY + (a.ctypes.data - base.ctypes.data)
+    del base
+    order = np.argsort(idx, kind="stable")
+    offsets = (idx[order] * a.strides[1]).tolist()  # ascending: the file read front to back
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    preadv = os.preadv
+    try:
+        for b in range(a.shape[0]):
+            views = [buf[p:p + row] for p in ((b * idx.shape[0] + order) * row).tolist()]
+            off = first + b * a.strides[0]
+            for v, o in zip(views, offsets):
+                if preadv(fd, [v], off + o) != row:
+                    raise OSError(f"{m.filename}: short read at offset {off + o}")
+    finally:
+        os.close(fd)
+    return out
 
 
 def _block_fn(arch: base.Architecture, i: int) -> Callable:
@@ -41,34 +185,44 @@ class HiddenStream:
         self.next_block = 0
         self._fns: dict[int, Callable] = {}
 
-    def advance(self, blocks: Sequence[int], with_outputs: bool = False):
+    def advance(self, blocks: Sequence[int], with_outputs: bool = False, store: ActivationStore = MEMORY,
+                name: str = "x", keep_inputs: bool = True):
         """Run `blocks` (which must continue where the stream is) and return their MLP inputs
         flattened over tokens: [len(blocks), n_tokens, d], in the dtype the model computes them
         in (bfloat16 for a bfloat16 model: half the host memory of float32, and exact; consumers
         upcast to float32 for their sums). With `with_outputs`, also each block's output,
-        flattened the same way, in float32: (inputs, outputs)."""
-        out = None  # filled in place: one group's inputs held once, not also as per-chunk pieces
-        block_outs = []
+        flattened the same way, in float32: (inputs, outputs). The arrays come from `store`
+        (`name` and `name`_out), written a chunk of sequences at a time. keep_inputs=False only
+        moves the stream on (returns None, or None and the outputs)."""
+        out = outs = None  # filled in place: one group's inputs held once, not also as per-chunk pieces
+        n_seqs = sum(x.shape[0] for x in self.hidden)
         for k, i in enumerate(blocks):
             if i != self.next_block:
                 raise ValueError(f"hidden stream is at block {self.next_block}, asked for block {i}")
             fn = self._fns.setdefault(i, _block_fn(self.arch, i))
-            hidden, at = [], 0
+            hidden, at, at_out = [], 0, 0
             for h, ctx in zip(self.hidden, self.ctx):
                 nxt, mlp_in = fn(self.params, jnp.asarray(h), ctx)
                 hidden.append(np.asarray(nxt))
-                mlp_in = np.asarray(mlp_in).reshape(-1, mlp_in.shape[-1])
-                if out is None:
-                    per_seq = mlp_in.shape[0] // h.shape[0]  # MLP rows per sequence / image
-                    n_tokens = per_seq * sum(x.shape[0] for x in self.hidden)
-                    out = np.empty((len(blocks), n_tokens, mlp_in.shape[-1]), mlp_in.dtype)
-                out[k, at:at + mlp_in.shape[0]] = mlp_in
-                at += mlp_in.shape[0]
+                if keep_inputs:
+                    mlp_in = np.asarray(mlp_in).reshape(-1, mlp_in.shape[-1])
+                    if out is None:
+                        per_seq = mlp_in.shape[0] // h.shape[0]  # MLP rows per sequence / image
+                        out = store.alloc((len(blocks), per_seq * n_seqs, mlp_in.shape[-1]), mlp_in.dtype, name)
+                    out[k, at:at + mlp_in.shape[0]] = mlp_in
+                    release(out[k, at:at + mlp_in.shape[0]])
+                    at += mlp_in.shape[0]
+                if with_outputs:
+                    o = hidden[-1].reshape(-1, hidden[-1].shape[-1])
+                    if outs is None:
+                        per_seq = o.shape[0] // h.shape[0]
+                        outs = store.alloc((len(blocks), per_seq * n_seqs, o.shape[-1]), np.float32, f"{name}_out")
+                    outs[k, at_out:at_out + o.shape[0]] = o  # cast to float32 as it is written
+                    release(outs[k, at_out:at_out + o.shape[0]])
+                    at_out += o.shape[0]
             self.hidden = hidden
-            if with_outputs:
-                block_outs.append(np.concatenate([o.reshape(-1, o.shape[-1]) for o in hidden]).astype(np.float32))
             self.next_block += 1
-        return (out, np.stack(block_outs)) if with_outputs else out
+        return (out, outs) if with_outputs else out
 
     def state(self) -> np.ndarray:
         return np.concatenate(self.hidden)

@@ -95,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
     # local optimisation, which needs only its host-fed minibatches: on an 8B model 15 GiB of
     # device memory for a host copy and a transfer each way per group. Changes no result.
     c.local.offload_model = False
+    # LLM: where a group's calibration activations ([blocks, tokens, d] MLP inputs, targets, the
+    # student's, and the block outputs forming the drift) live on the host: memory (anonymous
+    # RAM) | disk (files under <workdir>/groups/gNN/acts/, read a slice or minibatch at a time,
+    # deleted when the group is done: RSS holds a minibatch instead of the group's arrays; same
+    # numbers; `calibration.ActivationStore`). Resume-safe.
+    c.local.store = "memory"
 
     # Devices (fips_jax/sharding.py): mesh axis sizes, -1 = the remaining devices. On one device
     # every sharding is trivial. Checkpoints restore onto any mesh, so these are resume-safe.

@@ -257,6 +257,8 @@ class HostBatches:
     `minibatch_indices(key, s, T, batch)` gives (the same tokens a step that gathers on the device
     would take), put on the device with `sharding_for(shape)` (None: the default device). Only
     minibatches ever reach the device; `train` asks for step s + 1 while step s runs.
+    File-backed arrays (`calibration.ActivationStore`, local.store=disk) are read row by row with
+    `os.preadv` (`calibration.gather`), so RSS holds the minibatch, not the file.
     """
 
     def __init__(self, arrays: Sequence[np.ndarray], key: jax.Array, batch: int,
@@ -277,12 +279,12 @@ class HostBatches:
         return self._perm[1][j * self.batch:(j + 1) * self.batch]
 
     def __call__(self, step: int) -> tuple[jax.Array, ...]:
-        from fips_jax import sharding  # pylint: disable=import-outside-toplevel
+        from fips_jax import calibration, sharding  # pylint: disable=import-outside-toplevel
 
         idx = self.indices(step)
         out = []
         for a in self.arrays:
-            mb = np.ascontiguousarray(a[:, idx])
+            mb = calibration.gather(a, idx)  # np.ascontiguousarray(a[:, idx])
             sh = None if self.sharding_for is None else self.sharding_for(mb.shape)
             out.append(jax.device_put(mb) if sh is None else sharding.put(mb, sh))
         return tuple(out)

@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import budget, checkpointing, export, export_sparse, factors, finetune, grouping, methods, report
-from fips_jax import sharding, stages, tasks
+from fips_jax import budget, calibration, checkpointing, export, export_sparse, factors, finetune, grouping, methods
+from fips_jax import report, sharding, stages, tasks
 from fips_jax.models import base, registry
 
 # Config keys that change no saved stage: changing them on resume is allowed.
+# local.store: where a group's activations live while it runs (memory or files deleted with the
+# group); no saved stage depends on it, and a workdir from before the key resumes too.
 RESUME_SAFE_KEYS = ("checkpoint_every", "log_every", "eval.batch_size", "chunk", "mesh",
-                    "sharding.max_replicated_mib", "local.offload_model")
+                    "sharding.max_replicated_mib", "local.offload_model", "local.store")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -42,6 +44,7 @@ def check_config(cfg: dict) -> None:
     finetune.from_config(ft, n_inputs=1)  # its own checks (loss, algorithm, batch, ...), up front
     if cfg["local"].get("compute_dtype", "float32") not in COMPUTE_DTYPES:
         raise ValueError(f"local.compute_dtype {cfg['local']['compute_dtype']!r} not in {COMPUTE_DTYPES}")
+    calibration.check_store(cfg["local"].get("store", "memory"))
     inits = methods.get("fips").INITS
     if cfg["fips"]["init"] not in inits:
         raise ValueError(f"fips.init {cfg['fips']['init']!r} not in {inits}")

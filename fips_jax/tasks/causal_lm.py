@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Any
 
@@ -113,16 +114,19 @@ class _Group:
 
     The MLP inputs x and targets y [n, T, d] stay on the host in the model's dtype (the stream's);
     training steps receive one minibatch each (`batches`), so nothing of their size is held on
-    the device."""
+    the device. `store` allocates the [n, T, d] arrays: anonymous memory, or files mapped and
+    read a slice at a time (local.store=disk); the held-out xh, yh are small and stay in memory."""
 
-    def __init__(self, run, arch, params, layout, rank, g, x, xh, need_stats, student=None):
+    def __init__(self, run, arch, params, layout, rank, g, x, xh, need_stats, student=None,
+                 store: calibration.ActivationStore = calibration.MEMORY):
         """x, xh: the teacher's MLP inputs of the calibration and held-out tokens. `student`:
-        (inputs, drift) of the calibration tokens as FiPS's compressed earlier groups produce
-        them, drift = teacher's block outputs - the student's with this group dense
-        (`local.inputs=student`); FiPS is then fitted on them, the peers on the teacher's.
+        (inputs, outputs) of the calibration tokens as FiPS's compressed earlier groups produce
+        them (`local.inputs=student`); FiPS is then fitted on them, the peers on the teacher's.
+        outputs: (teacher's block outputs, the student's with this group dense), whose difference
+        is the drift added to FiPS's target (`local.drift`), or None when local.drift is 0.
         need_stats: (peers need them, FiPS needs them)."""
         cfg, spec = run.cfg, arch.mlp_spec
-        self.run, self.spec, self.layout, self.g = run, spec, layout, g
+        self.run, self.spec, self.layout, self.g, self.store = run, spec, layout, g, store
         self.dir = f"groups/g{g:02d}"
         peers_need, fips_need = need_stats
         self.x, self.xh = np.asarray(x), np.asarray(xh)
@@ -134,18 +138,19 @@ class _Group:
             return GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
 
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
-        self.y = self._targets(teacher, self.x, self.x.dtype)
+        self.y = self._targets(teacher, self.x, self.x.dtype, "y")
         self.yh = self._targets(teacher, self.xh, np.float32)
         stats = grams_of(self.x) if peers_need or (fips_need and student is None) else None
         self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
         if student is None:
             self.fips_x, self.fips_y, self.fips_problem = self.x, self.y, self.problem
         else:
-            xs, drift = student
+            xs, outputs = student
             self.fips_x = np.asarray(xs)
             alpha = float(cfg["local"]["drift"])
-            y = self._targets(teacher, self.fips_x, np.float32)
-            self.fips_y = (y + alpha * drift if alpha else y).astype(self.fips_x.dtype)
+            if alpha and outputs is None:
+                raise ValueError("local.drift > 0 needs the teacher's and the student's block outputs")
+            self.fips_y = self._targets(teacher, self.fips_x, self.fips_x.dtype, "fips_y", drift=(alpha, outputs))
             self.fips_problem = dataclasses.replace(self.problem, stats=grams_of(self.fips_x) if fips_need else None)
         self.steps = _steps(x.shape[1], self.batch, cfg["local"]["epochs"])
 
@@ -156,15 +161,32 @@ class _Group:
     def _replicated(self):  # what every process can read back whole
         return jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
 
-    def _targets(self, teacher, x: np.ndarray, dtype) -> np.ndarray:
+    def _targets(self, teacher, x: np.ndarray, dtype, name: str | None = None, drift=None) -> np.ndarray:
         """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
-        tokens at a time and kept on the host in `dtype`."""
-        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(dtype),
+        tokens at a time and kept on the host in `dtype`: from the group's store as `name`, in
+        memory without one. drift (FiPS's student targets): (alpha, (teacher's block outputs,
+        student's) [n, T, d] float32, or None when alpha is 0): the outputs in float32 plus
+        alpha * (teacher's - student's), then cast to `dtype` on the host, a minibatch of tokens
+        at a time (the same numbers as on the whole arrays)."""
+        out_dtype = dtype if drift is None else np.float32
+        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(out_dtype),
                      out_shardings=self._replicated())
-        y = np.empty(x.shape, dtype)
+        y = self.store.alloc(x.shape, dtype, name) if name else np.empty(x.shape, dtype)
         for s in range(0, x.shape[1], self.batch):
-            xb = x[:, s:s + self.batch]
-            y[:, s:s + self.batch] = np.asarray(fn(teacher, sharding.put(xb, self.act_sharding(xb.shape))))
+            sl = (slice(None), slice(s, s + self.batch))
+            xb = x[sl]
+            yb = np.asarray(fn(teacher, sharding.put(xb, self.act_sharding(xb.shape))))
+            if drift is not None:
+                alpha, outputs = drift
+                if alpha:
+                    out_t, out_s = outputs
+                    yb = yb + alpha * (out_t[sl] - out_s[sl])
+                    calibration.release(out_t[sl])
+                    calibration.release(out_s[sl])
+                yb = yb.astype(dtype)
+            y[sl] = yb
+            calibration.release(xb)
+            calibration.release(y[sl])
         return y
 
     def batches(self, key, blocks: slice = slice(None), fips_data: bool = True) -> local_opt.HostBatches:
@@ -182,6 +204,8 @@ class _Group:
             xb, yb = self.fips_x[:, s:s + self.batch], self.fips_y[:, s:s + self.batch]
             sq += np.asarray(fn(params, sharding.put(xb, self.act_sharding(xb.shape)),
                                 sharding.put(yb, self.act_sharding(yb.shape))), np.float64) * xb.shape[1]
+            calibration.release(xb)
+            calibration.release(yb)
         return float(np.mean(sq / self.x.shape[1]))
 
     def heldout(self, parts: list) -> list[float]:
@@ -302,12 +326,26 @@ def _student_inputs(cfg: dict, arch) -> bool:
     return inputs == "student"
 
 
+def _group_store(run, gdir: str) -> calibration.ActivationStore:
+    """Where a group's [n, T, d] activations live (`local.store`): host memory, or files under
+    <workdir>/groups/gNN/acts/p<process> (one folder per process: each holds its own arrays),
+    emptied first (a run killed mid-group left them) and deleted when the group is done."""
+    if calibration.check_store(run.cfg["local"].get("store", "memory")) == "memory":
+        if sharding.is_writer():  # files of an interrupted local.store=disk attempt
+            shutil.rmtree(run.path(gdir, "acts"), ignore_errors=True)
+        return calibration.MEMORY
+    return calibration.ActivationStore(run.path(gdir, "acts", f"p{jax.process_index()}"))
+
+
 def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     """Every group in turn: capture its MLP inputs, compress it with FiPS and every peer method,
     refine, and measure the held-out error; resumes at the first unfinished group, the stream
-    restored from the hidden state saved after the last finished one."""
+    restored from the hidden state saved after the last finished one (a group's activations are
+    recomputed, never saved: `local.store=disk` files are deleted with the group)."""
     cfg, log = run.cfg, run.log
     student = _student_inputs(cfg, arch)
+    calibration.check_store(cfg["local"].get("store", "memory"))
+    drift = float(cfg["local"]["drift"])
     calib_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
     hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"])
     # local.inputs=student: a second stream through FiPS's compressed model (dense from the
@@ -350,6 +388,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 grp.problem = dataclasses.replace(grp.problem, dense_params=params)
                 grp.fips_problem = dataclasses.replace(grp.fips_problem, dense_params=params)
         return run_off if offload else None
+
     for g, (layout, rank) in enumerate(plan):
         gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
         if g < resume_at:
@@ -360,21 +399,33 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 final[name] = stages.host_tree(final[name])
         else:
             t0 = time.perf_counter()
+            store = _group_store(run, gdir)
             if student:
                 entry = student_stream.state()
-                x, out_teacher = calib_stream.advance(layout.blocks, with_outputs=True)
-                xs, out_student = student_stream.advance(layout.blocks, with_outputs=True)
-                student_in = (xs, out_teacher - out_student)
+                # The block outputs (float32) only form the drift: not computed when it is off.
+                if drift:
+                    x, out_teacher = calib_stream.advance(layout.blocks, True, store, "x")
+                    xs, out_student = student_stream.advance(layout.blocks, True, store, "fips_x")
+                    student_in = (xs, (out_teacher, out_student))
+                    del xs, out_teacher, out_student
+                else:
+                    x = calib_stream.advance(layout.blocks, store=store, name="x")
+                    student_in = (student_stream.advance(layout.blocks, store=store, name="fips_x"), None)
             else:
-                x, student_in = calib_stream.advance(layout.blocks), None
+                x, student_in = calib_stream.advance(layout.blocks, store=store, name="x"), None
             grp = _Group(run, arch, params, layout, rank, g, x, hold_stream.advance(layout.blocks), need_stats,
-                         student_in)
+                         student_in, store)
+            del x, student_in  # the group holds what it uses; the block outputs are in FiPS's targets now
+            store.delete("x_out")
+            store.delete("fips_x_out")
             final[name], stats = _compress_group(run, grp, peers, losses_fns, off_device(grp))
+            del grp
+            store.clear()  # before the group counts as done: a finished group leaves no files
             saved = {"calib": calib_stream.state(), "holdout": hold_stream.state()}
             if student:  # the group again, now compressed: the next group's inputs
                 student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
                 student_stream.restore(entry, layout.blocks[0])
-                student_stream.advance(layout.blocks)
+                student_stream.advance(layout.blocks, keep_inputs=False)
                 saved["student"] = student_stream.state()
             stats["seconds"] = time.perf_counter() - t0
             run.save(f"{gdir}/final", final[name], "arrays")
