@@ -4,6 +4,7 @@ Llama-shaped model it extrapolates to.
     python benchmarks/peak_rss.py --out=/tmp/peak_rss                    # all cases, ~70 min on 2 shared cores
     python benchmarks/peak_rss.py --out=/tmp/peak_rss --cases=smollm2,llama_1.1b
     python benchmarks/peak_rss.py --out=/tmp/peak_rss_disk --store=disk    # local.store=disk
+    python benchmarks/peak_rss.py --out=/tmp/peak_rss_gram --set=fips.init=gram --cases=llama_1.1b
 
 Every case runs `python -m fips_jax.main --config=... --workdir=<fresh dir> --config.x=...` in its
 own process (under `nice -n 5`), so its peak RSS is that process's alone: `wait4`'s ru_maxrss for
@@ -344,11 +345,19 @@ def main():
     ap.add_argument("--timeout_s", type=float, default=3600, help="per case")
     ap.add_argument("--store", choices=("memory", "disk"), default="memory",
                     help="local.store of every case: the group's activations in memory or in files")
+    ap.add_argument("--set", default="", help="more overrides for every case, comma-separated key=value "
+                    "(e.g. fips.init=gram: the Gram-route SVD init the 8-9B configs use, minutes faster here)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep cases of an earlier --out/peak_rss.json (ok, or stopped for memory); run the rest")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     names = [c for c in args.cases.split(",") if c]
+    extra = {}
+    for kv in (x for x in args.set.split(",") if x):
+        if "=" not in kv:
+            ap.error(f"--set takes key=value pairs, got {kv!r}")
+        k, v = kv.split("=", 1)
+        extra[k] = v
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
@@ -361,7 +370,8 @@ def main():
         with open(json_path) as fi:
             earlier = {r["name"]: r for r in json.load(fi)["results"]
                        if (r["status"] == "ok" or r["status"].startswith("stopped by this script at RSS"))
-                       and r["overrides"].get("local.store", "memory") == args.store}
+                       and r["overrides"].get("local.store", "memory") == args.store
+                       and all(str(r["overrides"].get(k)) == v for k, v in extra.items())}
     t0 = time.perf_counter()
     results = []
     for name in names:
@@ -373,6 +383,8 @@ def main():
             case = CASES[name]
             if args.store != "memory":
                 case = {**case, "overrides": {**case["overrides"], "local.store": args.store}}
+            if extra:
+                case = {**case, "overrides": {**case["overrides"], **extra}}
             res = run_case(case, args.out, args.keep_workdirs, args.min_available_gib, args.timeout_s)
         res["fit"] = CASES[name]["fit"]
         results.append(res)
