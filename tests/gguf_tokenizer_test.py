@@ -122,7 +122,7 @@ def test_cli_runs_a_gguf_model_without_torch(tmp_path, smollm2_path):
     overrides = [f"--config.model.path={model}", "--config.data.calib.window=64", "--config.data.calib.n_windows=4",
                  "--config.data.eval.context=64", "--config.data.eval.max_windows=2", "--config.data.holdout_windows=1",
                  "--config.fips.group_size=2", "--config.local.epochs=6", "--config.local.batch_tokens=128",
-                 "--config.checkpoint_every=4"]
+                 "--config.checkpoint_every=4", "--config.finetune.n_windows=4"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, "fips_jax.main", "--config=configs/smollm2.py",
                            f"--workdir={wd}", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
