@@ -81,23 +81,11 @@ class ActivationStore:
 MEMORY = ActivationStore()
 
 
-def _mapping(a: Any) -> mmap.mmap | None:
-    """The file mapping `a` is a view of (a memmap or any view of one), None for other arrays."""
-    while a is not None:
-        if isinstance(a, mmap.mmap):
-            return a
-        m = getattr(a, "_mmap", None)
-        if m is not None:
-            return m
-        a = getattr(a, "base", None)
-    return None
-
-
 def release(a: Any) -> None:
     """Drop the resident pages of the part of a file mapping that array view `a` spans
     (`madvise(MADV_DONTNEED)`: the data stays in the file / page cache and is read back on the
     next access); nothing for arrays that are not file-backed."""
-    mm = _mapping(a)
+    _, mm = _memmap(a)
     if mm is None or mm.closed or not hasattr(mmap, "MADV_DONTNEED"):
         return
     base = np.frombuffer(mm, np.uint8)
@@ -129,13 +117,13 @@ def gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     row_shape = a.shape[2:]
     row = int(np.prod(row_shape, dtype=np.int64)) * a.itemsize
     contiguous_rows = a.ndim >= 2 and np.ascontiguousarray(a[:1, :1]).strides[2:] == a.strides[2:]
-    if m is None or mm.closed or not contiguous_rows or a.strides[1] < 0 or a.strides[0] < 0:
-        out = np.ascontiguousarray(a[:, idx])
-        release(a)
-        return out
-    try:
-        fd = os.open(m.filename, os.O_RDONLY)
-    except OSError:  # the file is gone (its group is done) but the mapping is not: read through it
+    fd = None
+    if m is not None and not mm.closed and contiguous_rows and a.strides[1] >= 0 and a.strides[0] >= 0:
+        try:
+            fd = os.open(m.filename, os.O_RDONLY)
+        except OSError:  # the file is gone (its group is done) but the mapping is not: read through it
+            pass
+    if fd is None:  # in memory, or no file to read: index (and drop any mapped pages touched)
         out = np.ascontiguousarray(a[:, idx])
         release(a)
         return out

@@ -395,8 +395,6 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             final[name], stats = run.load(f"{gdir}/final", "arrays"), run.load(f"{gdir}/stats")
             if student:
                 student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
-            if offload:
-                final[name] = stages.host_tree(final[name])
         else:
             t0 = time.perf_counter()
             store = _group_store(run, gdir)
@@ -429,8 +427,6 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 saved["student"] = student_stream.state()
             stats["seconds"] = time.perf_counter() - t0
             run.save(f"{gdir}/final", final[name], "arrays")
-            if offload:  # a finished group's factors (V-sized) wait on the host, not beside the next group's
-                final[name] = stages.host_tree(final[name])
             run.save(f"{gdir}/hidden_after", saved, "arrays")
             run.save(f"{gdir}/stats", stats)
             if g and sharding.is_writer():  # only the newest stream state is needed to resume
@@ -440,6 +436,8 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             checkpointing.fault_point("group_done")
             log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
                 f"{k} {np.mean(v):.4f}" for k, v in stats["heldout_rel_error"].items()))
+        if offload:  # a finished group's factors (V-sized) wait on the host, not beside the next group's
+            final[name] = stages.host_tree(final[name])
         group_stats.append(stats)
     return _calibrated(run, plan, dat, peers, final, group_stats, params)
 
