@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -111,9 +111,9 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
     # Evaluate every variant, count what each keeps, export FiPS.
     evals, task_metrics = task.evaluate(state, arch, params, dat, cal.variants)
     budgets = variant_budgets(plan, params, cal, peers, final)
-    exported = export_compressed(state, arch, params, plan, [final[n] for n in cal.layouts],
+    exported = export_compressed(state, arch, params, plan, lambda: [final[n] for n in cal.layouts],
                                  {"budget": budgets["fips"], "evals": evals, "finetuned": tuned is not None})
-    sp = sparsity_per_block(plan, [final[n] for n in cal.layouts])
+    sp = sparsity_per_block(plan, (final[n] for n in cal.layouts))
     metrics = {
         **task_metrics, **cal.metrics, "evals": evals, "export": exported, "budget": budgets,
         "labels": variant_labels(cal.variants, peers),
@@ -145,11 +145,13 @@ def global_finetune(state: stages.Run, arch: base.Architecture, params, cal: tas
 
     def tune() -> dict:
         state.log(f"[finetune] {ft.steps} steps, batch {ft.batch}, loss {ft.loss}, {ft.algorithm}")
+        start = {n: cal.final[n] for n in cal.layouts}  # every group trains at once
         tuned, losses = finetune.finetune(
-            arch, params, cal.layouts, cal.final, jnp.asarray(inputs), ft, state.path("finetune", "loop"),
+            arch, params, cal.layouts, start, jnp.asarray(inputs), ft, state.path("finetune", "loop"),
             labels=None if labels is None else jnp.asarray(labels), seed=cfg["seed"],
             checkpoint_every=cfg["checkpoint_every"], log=state.log, on_step=state.on_step,
-            param_shardings=stages.shardings_of(state, arch.mlp_spec, cal.final))
+            param_shardings=stages.shardings_of(state, arch.mlp_spec, start))
+        del start
         state.save("finetune/stats", {"steps": ft.steps, "loss_first": losses[0] if losses else None,
                                   "loss_last": losses[-1] if losses else None})
         return tuned
@@ -160,7 +162,7 @@ def global_finetune(state: stages.Run, arch: base.Architecture, params, cal: tas
 def variant_budgets(plan, params, cal: tasks.Calibrated, peers: list, final: dict) -> dict:
     """Kept parameters of FiPS and of every peer, counted the same three ways."""
     dense_mlp = sum(layout.dense_weights for layout, _ in plan)
-    out = {"fips": budget.budget_report(factors.kept([(cal.layouts[n], final[n]) for n in cal.layouts]), params,
+    out = {"fips": budget.budget_report(factors.kept((cal.layouts[n], final[n]) for n in cal.layouts), params,
                                         dense_mlp).as_dict()}
     for key, parts in cal.variants.items():
         if parts is not None and not key.startswith("fips"):
@@ -176,7 +178,7 @@ def variant_labels(variants: dict, peers: list) -> dict[str, str]:
     return {k: labels.get(k, k) for k in variants}
 
 
-def sparsity_per_block(plan, group_params: list[dict]) -> dict[int, float]:
+def sparsity_per_block(plan, group_params: Iterable[dict]) -> dict[int, float]:
     out = {}
     for (layout, _), p in zip(plan, group_params):
         v = np.asarray(p["v"])
@@ -185,16 +187,18 @@ def sparsity_per_block(plan, group_params: list[dict]) -> dict[int, float]:
     return out
 
 
-def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, group_params: list,
+def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, group_params: Callable[[], list],
                       manifest: dict) -> dict:
     """Both exports of the compressed model: the Orbax tree with its manifest (`compressed/`) and
-    the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices).
+    the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices),
+    converted from what was written. `group_params()` gives every group's factors; they are
+    dropped before the conversion reads them back, so the two copies are never held together.
     Returns paths and the on-disk sizes next to the dense MLP's."""
     lc = state.cfg["local"]
     manifest = {**manifest, "sparsity": {
         "algorithm": lc["algorithm"], "target": state.cfg["fips"]["sparsity"],
         "nm": [lc["n"], lc["m"]] if lc["algorithm"] == "nm" else None, "nm_axis": "rank (axis -2 of v)"}}
-    export.save(state.path("compressed"), arch, params, plan, group_params, manifest=manifest)
+    export.save(state.path("compressed"), arch, params, plan, group_params(), manifest=manifest)
     out = {"orbax": state.path("compressed"), "safetensors": state.path("compressed.safetensors")}
     if sharding.is_writer():
         sizes = export_sparse.convert(out["orbax"], out["safetensors"])

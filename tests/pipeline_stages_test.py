@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -156,3 +157,43 @@ def test_a_ramp_that_ends_before_the_first_mask_update_runs_to_the_target(tmp_pa
         init = fips.one_shot(stages.load_arrays(str(tmp_path / "groups" / f"g{g:02d}" / "init.npz")), cfg)
         assert np.mean(np.asarray(init["v"]) == 0) == pytest.approx(0.75, abs=1e-3), g
     assert m["evals"]["fips_init"]["nll"] > m["evals"]["fips_final"]["nll"]
+
+
+def test_finished_llm_groups_stay_on_disk_and_are_assembled_one_at_a_time(tmp_path, monkeypatch):
+    """A finished group's factors are not held after it is saved: the evaluations read them back
+    from the stage store, and assembling a model drops each group's factors before reading the
+    next (with 4 groups, a list would keep 3 earlier ones alive)."""
+    import weakref
+
+    from fips_jax.tasks import causal_lm
+
+    reads, alive_at_read, evaluating = [], [], [False]
+    get = stages.StoredTrees.__getitem__
+
+    def tracked(self, key):
+        tree = get(self, key)
+        if evaluating[0]:
+            alive_at_read.append(sum(any(r() is not None for r in refs) for refs in reads))
+            reads.append([weakref.ref(x) for x in jax.tree_util.tree_leaves(tree)])
+        return tree
+
+    evaluate = causal_lm.evaluate
+
+    def tracked_evaluate(*args, **kwargs):
+        evaluating[0] = True
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evaluating[0] = False
+
+    monkeypatch.setattr(stages.StoredTrees, "__getitem__", tracked)
+    monkeypatch.setattr(causal_lm, "evaluate", tracked_evaluate)
+    cfg = _config("tiny_llama", **{"local.epochs": 1.0, "fips.group_size": 1})
+    m = pipeline.run(cfg, str(tmp_path), log=QUIET)
+    assert len(m["groups"]) == 4 and len(reads) == 4, (len(m["groups"]), len(reads))
+    # Reading group k, at most group k-1 (the assembling loop's last item) is still referenced.
+    assert max(alive_at_read) <= 1, alive_at_read
+    # What was read back is what the stage store holds, and the export carries it.
+    tree, _ = export.read_tree(str(tmp_path / "compressed"))
+    for g, saved in enumerate(_final_groups(str(tmp_path))):
+        np.testing.assert_array_equal(np.asarray(tree["fips"][f"g{g:02d}"]["v"]), np.asarray(saved["v"]))

@@ -13,7 +13,7 @@ jointly on block outputs and scores classification (or agreement, and a linear p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax.numpy as jnp
 
@@ -24,9 +24,11 @@ from fips_jax.models import base
 class Calibrated:
     """What the local optimisation leaves for evaluation, fine-tuning and export.
 
-    variants: {name: () -> parts} in report order ("dense" maps to None); loaded lazily so that no
-      more than one compressed model is held at a time.
-    final: {group name: FiPS params after local optimisation}.
+    variants: {name: () -> parts (an iterable of (layout, params), read once)} in report order
+      ("dense" maps to None); loaded lazily so that no more than one compressed model is held
+      at a time, and an LLM's groups one at a time as they are assembled.
+    final: {group name: FiPS params after local optimisation}; a mapping that may read each
+      group from the stage store at every access (`stages.StoredTrees`): index it where needed.
     layouts: {group name: GroupLayout}.
     heldout: {variant: [held-out relative error per block, in block order]}.
     finetune_inputs / finetune_labels: what `finetune` trains on.
@@ -35,8 +37,8 @@ class Calibrated:
       deletes the arrays it was given); None: the ones it was given.
     """
 
-    variants: dict[str, Callable[[], list] | None]
-    final: dict[str, dict]
+    variants: dict[str, Callable[[], Iterable] | None]
+    final: Mapping[str, dict]
     layouts: dict
     heldout: dict[str, list[float]]
     blocks: list[int]

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -367,7 +367,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
         log(f"groups 0-{resume_at - 1} done earlier; resuming at group {resume_at}")
     losses_fns = _loss_fns(run, arch.mlp_spec)
     need_stats = (any(m.NEEDS_STATS for m in peers), fips.needs_stats(cfg))
-    final, group_stats = {}, []
+    group_stats = []
     streams = [s for s in (calib_stream, hold_stream, student_stream) if s is not None]
     offload = bool(cfg["local"].get("offload_model", False))
 
@@ -390,11 +390,12 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
         return run_off if offload else None
 
     for g, (layout, rank) in enumerate(plan):
-        gdir, name = f"groups/g{g:02d}", f"g{g:02d}"
+        gdir = f"groups/g{g:02d}"
         if g < resume_at:
-            final[name], stats = run.load(f"{gdir}/final", "arrays"), run.load(f"{gdir}/stats")
+            stats = run.load(f"{gdir}/stats")
             if student:
-                student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
+                student_stream.params = factors.assemble(student_stream.params,
+                                                         [(layout, run.load(f"{gdir}/final", "arrays"))])
         else:
             t0 = time.perf_counter()
             store = _group_store(run, gdir)
@@ -416,17 +417,18 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             del x, student_in  # the group holds what it uses; the block outputs are in FiPS's targets now
             store.delete("x_out")
             store.delete("fips_x_out")
-            final[name], stats = _compress_group(run, grp, peers, losses_fns, off_device(grp))
+            p1, stats = _compress_group(run, grp, peers, losses_fns, off_device(grp))
             del grp
             store.clear()  # before the group counts as done: a finished group leaves no files
             saved = {"calib": calib_stream.state(), "holdout": hold_stream.state()}
             if student:  # the group again, now compressed: the next group's inputs
-                student_stream.params = factors.assemble(student_stream.params, [(layout, final[name])])
+                student_stream.params = factors.assemble(student_stream.params, [(layout, p1)])
                 student_stream.restore(entry, layout.blocks[0])
                 student_stream.advance(layout.blocks, keep_inputs=False)
                 saved["student"] = student_stream.state()
             stats["seconds"] = time.perf_counter() - t0
-            run.save(f"{gdir}/final", final[name], "arrays")
+            run.save(f"{gdir}/final", p1, "arrays")
+            del p1  # kept on disk only, like every finished group's (`final` below)
             run.save(f"{gdir}/hidden_after", saved, "arrays")
             run.save(f"{gdir}/stats", stats)
             if g and sharding.is_writer():  # only the newest stream state is needed to resume
@@ -436,25 +438,28 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
             checkpointing.fault_point("group_done")
             log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
                 f"{k} {np.mean(v):.4f}" for k, v in stats["heldout_rel_error"].items()))
-        if offload:  # a finished group's factors (V-sized) wait on the host, not beside the next group's
-            final[name] = stages.host_tree(final[name])
         group_stats.append(stats)
+    # A finished group's factors (V-sized) are read back from the stage store where they are
+    # used, one group at a time, never all held beside the next group's; with offload_model as
+    # host arrays, placed by their reader.
+    final = stages.StoredTrees(run, {f"g{g:02d}": f"groups/g{g:02d}/final" for g in range(len(plan))}, host=offload)
     return _calibrated(run, plan, dat, peers, final, group_stats, params)
 
 
-def _calibrated(run, plan, dat: Data, peers: list, final: dict, group_stats: list, params) -> Calibrated:
+def _calibrated(run, plan, dat: Data, peers: list, final: Mapping, group_stats: list, params) -> Calibrated:
     """The variants to evaluate, each loaded from the stage store only when it is evaluated."""
     cfg = run.cfg
     layouts = {f"g{g:02d}": layout for g, (layout, _) in enumerate(plan)}
     peer_names = [m.NAME for m in peers] + ([f"{m.NAME}_trained" for m in peers] if cfg["compare"]["train"] else [])
 
+    # Each variant's groups are read one at a time as its evaluation assembles them.
     def peer(key):
-        return lambda: [pt for g in range(len(plan)) for pt in run.load(f"groups/g{g:02d}/{key}", "parts")]
+        return lambda: (pt for g in range(len(plan)) for pt in run.load(f"groups/g{g:02d}/{key}", "parts"))
 
     variants: dict[str, Any] = {"dense": None, **{k: peer(k) for k in peer_names}}
-    variants["fips_init"] = lambda: [(layouts[n], fips.one_shot(run.load(f"groups/{n}/init", "arrays"), cfg))
-                                     for n in layouts]
-    variants["fips_final"] = lambda: [(layouts[n], final[n]) for n in layouts]
+    variants["fips_init"] = lambda: ((layouts[n], fips.one_shot(run.load(f"groups/{n}/init", "arrays"), cfg))
+                                     for n in layouts)
+    variants["fips_final"] = lambda: ((layouts[n], final[n]) for n in layouts)
     blocks = [i for layout, _ in plan for i in layout.blocks]
     heldout = {k: [e for st in group_stats for e in st["heldout_rel_error"][k]]
                for k in group_stats[0]["heldout_rel_error"]} if group_stats else {}
