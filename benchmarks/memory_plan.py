@@ -243,11 +243,13 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
             4 * n * batch * d * model_dtype.itemsize, {}),
     ]
     if offload:
-        groups = math.ceil(hf["num_hidden_layers"] / n)
         host.append(Row("the dense model during the local step (RAM, `local.offload_model`)",
                         f"{n_params / 1e9:.2f}B", model_dtype.name, model_row.total, {}))
-        host.append(Row("the finished groups' FiPS factors, at the last group (RAM, `local.offload_model`)",
-                        f"{groups - 1} x (U + V)", "float32", (groups - 1) * (u.total + v.total), {}))
+    # A finished group's factors go to the stage store and are read back one group at a time where
+    # used (`stages.StoredTrees`): they are on disk during the calibration, not in RAM.
+    groups = math.ceil(hf["num_hidden_layers"] / n)
+    host.append(Row("the finished groups' FiPS factors, at the last group (disk, the stage store)",
+                    f"{groups - 1} x (U + V)", "float32", (groups - 1) * (u.total + v.total), {}))
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
                    groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
                    sparsity=cfg.fips.sparsity, tokens=tokens, batch_tokens=cfg.local.batch_tokens,
@@ -273,8 +275,8 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
            "for the method). GiB per device on a mesh `{data: 1, fsdp: <devices>, tensor: 1}` with the "
            "default logical-axis rules of `fips_jax/sharding.py`; `total` is the unsharded size. The dense "
            "model (bfloat16) is on the device for the teacher stream and the SVD init, and in host memory "
-           "during the local step (`local.offload_model`, on in both configs), where finished groups' factors "
-           "wait too; FiPS's initial factors are handed to the local step, not kept beside it. FiPS factors, masks and optimiser state "
+           "during the local step (`local.offload_model`, on in both configs); finished groups' factors "
+           "wait on disk in the stage store; FiPS's initial factors are handed to the local step, not kept beside it. FiPS factors, masks and optimiser state "
            "are float32/bool as the pipeline keeps them. The group's MLP inputs and targets stay on the "
            "host in bfloat16; the device holds the step's minibatch of them and the prefetched next one. "
            "Rows marked XLA come from compiling the real sharded local step for that device count (CPU "
@@ -325,6 +327,11 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             "Llama; earlier plans did not count it).",
             "- Not done, next in size: Adam's mu and nu (2 x V, float32) could be kept in bfloat16 or only "
             "for V's kept entries; masks could be bit-packed (V entries / 8 bytes instead of / 1).",
+            "- Not done: the export after the calibration (`export.save`, then `export_sparse.convert`) "
+            "holds every group's factors in host RAM at once (all groups' U + V in float32: 40.6 GiB for "
+            "Llama-3.1-8B, 46.3 GiB for Gemma-2-9B, plus the sparse conversion's copies); it is the peak of "
+            "`benchmarks/peak_rss.py` at every size. Writing and converting one group at a time would bound "
+            "it by one group.",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
             "roughly halve them at the cost of less sharing.",
             "- More devices on `fsdp` divide everything above except the gathered minibatch activations "
