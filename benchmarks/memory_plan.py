@@ -251,7 +251,7 @@ def plan(model: str) -> tuple[dict, list[Row], list[Row]]:
     host.append(Row("the finished groups' FiPS factors, at the last group (disk, the stage store)",
                     f"{groups - 1} x (U + V)", "float32", (groups - 1) * (u.total + v.total), {}))
     summary = dict(model=model, d=d, p=p, layers=hf["num_hidden_layers"], group_size=n,
-                   groups=math.ceil(hf["num_hidden_layers"] / n), rank=rank, budget=cfg.fips.budget,
+                   groups=groups, all_factors=groups * (u.total + v.total), rank=rank, budget=cfg.fips.budget,
                    sparsity=cfg.fips.sparsity, tokens=tokens, batch_tokens=cfg.local.batch_tokens,
                    v_entries=n * f * rank * p, gmp_error=xla["init"].get("error"))
     return summary, rows, host
@@ -328,8 +328,9 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
             "- Not done, next in size: Adam's mu and nu (2 x V, float32) could be kept in bfloat16 or only "
             "for V's kept entries; masks could be bit-packed (V entries / 8 bytes instead of / 1).",
             "- Not done: the export after the calibration (`export.save`, then `export_sparse.convert`) "
-            "holds every group's factors in host RAM at once (all groups' U + V in float32: 40.6 GiB for "
-            "Llama-3.1-8B, 46.3 GiB for Gemma-2-9B, plus the sparse conversion's copies); it is the peak of "
+            "holds every group's factors in host RAM at once (all groups' U + V in float32: "
+            + ", ".join(f"{s['all_factors'] / GiB:.1f} GiB for {s['model']}" for s, _, _ in plans)
+            + ", plus the sparse conversion's copies); it is the peak of "
             "`benchmarks/peak_rss.py` at every size. Writing and converting one group at a time would bound "
             "it by one group.",
             "- U, V, masks, Adam and the step temporaries scale with the group size: groups of 4 instead of 8 "
