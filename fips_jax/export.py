@@ -1,9 +1,14 @@
 """The compressed model on disk (an Orbax checkpoint plus a JSON manifest), and its export for interop.
 
-    <dir>/params/      Orbax: {"base": dense params without the grouped MLP kernels,
-                               "fips": {"g00": {"u", "v", "bias"?}, ...}}
+    <dir>/params/base/   Orbax: dense params without the grouped MLP kernels
+    <dir>/params/gNN/    Orbax, one per group: {"u", "v", "bias"?}
     <dir>/manifest.json  architecture + HF config, groups (blocks, kernel paths, rank), realised
                          sparsity, budget three ways, evaluation numbers
+
+One Orbax item per group (format /2) so that writing, converting and loading hold one group's
+factors at a time: every group at once is the size of the dense MLP times the rank fraction
+(40 GiB for Llama-3.1-8B in float32). Format /1 directories (one tree {"base", "fips": {gNN}}
+under params/) still load.
 
 `load` rebuilds the architecture from the manifest alone (no original checkpoint needed) and
 returns dense-layout params with every grouped kernel equal to U V_t. Nothing is unpickled.
@@ -23,7 +28,7 @@ Both are dense: they run anywhere at the dense model's speed and size; only `com
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +37,8 @@ import numpy as np
 from fips_jax import checkpointing, factors, grouping, sharding
 from fips_jax.models import base, registry
 
-FORMAT = "fips_jax.compressed/1"
+FORMAT = "fips_jax.compressed/2"
+FORMAT_ONE_TREE = "fips_jax.compressed/1"  # every group in one Orbax tree; read, no longer written
 
 
 def _without(tree: dict, paths: Sequence[str]) -> dict:
@@ -62,28 +68,41 @@ def check_finite(tree: Any, where: str) -> None:
 
 
 def save(directory: str, arch: base.Architecture, dense_params: Any,
-         plan: Sequence[tuple[grouping.GroupLayout, int]], group_params: Sequence[dict], manifest: dict) -> None:
-    """Write the compressed model to `directory` (layout in the module docstring). Collective:
-    every process calls it (the Orbax save is); process 0 alone writes the manifest and puts the
-    directory in place. An existing `directory` is replaced only once the new one is complete.
-    Raises ValueError naming the tensors if any value is NaN or infinite."""
+         plan: Sequence[tuple[grouping.GroupLayout, int]], group_params: Iterable[dict], manifest: dict) -> None:
+    """Write the compressed model to `directory` (layout in the module docstring). Groups are
+    written in turn, so `group_params` may be a generator reading each group from disk: one
+    group's factors are in memory at a time. Collective: every process calls it (the Orbax saves
+    are); process 0 alone writes the manifest and puts the directory in place. An existing
+    `directory` is replaced only once the new one is complete. Raises ValueError naming the
+    tensors if any value is NaN or infinite (nothing is then left behind)."""
     kernel_paths = [p for layout, _ in plan for row in layout.fc_paths for p in row]
-    tree = {
-        "base": _without(dict(dense_params), kernel_paths),
-        "fips": {f"g{g:02d}": p for g, p in enumerate(group_params)},
-    }
-    check_finite(tree, where=directory)
+    base_tree = _without(dict(dense_params), kernel_paths)
+    check_finite({"base": base_tree}, where=directory)
     groups = []
-    for g, ((layout, rank), p) in enumerate(zip(plan, group_params)):
-        v = np.asarray(p["v"])
-        groups.append({
-            "name": f"g{g:02d}", "blocks": list(layout.blocks), "rank": rank, "d": layout.d, "p": layout.p,
-            "fc_names": list(layout.fc_names), "transposed": list(layout.transposed),
-            "fc_paths": [list(row) for row in layout.fc_paths],
-            "v_sparsity": float(np.mean(v == 0)), "v_nonzeros": int(np.count_nonzero(v)),
-        })
     with checkpointing.atomic_dir(directory, collective=True) as tmp:
-        checkpointing.save_tree(os.path.join(tmp, "params"), tree)
+        os.makedirs(os.path.join(tmp, "params"), exist_ok=True)
+        checkpointing.save_tree(os.path.join(tmp, "params", "base"), base_tree)
+        del base_tree
+        given = iter(group_params)  # not zip: its reused result tuple would keep the last group alive
+        for g, (layout, rank) in enumerate(plan):
+            p = next(given, None)
+            if p is None:
+                raise ValueError(f"{directory}: {g} groups' params for a plan of {len(plan)} groups")
+            name = f"g{g:02d}"
+            check_finite({"fips": {name: p}}, where=directory)
+            v = np.asarray(p["v"])
+            nonzeros = int(np.count_nonzero(v))
+            groups.append({
+                "name": name, "blocks": list(layout.blocks), "rank": rank, "d": layout.d, "p": layout.p,
+                "fc_names": list(layout.fc_names), "transposed": list(layout.transposed),
+                "fc_paths": [list(row) for row in layout.fc_paths],
+                "v_sparsity": 1.0 - nonzeros / v.size, "v_nonzeros": nonzeros,
+            })
+            del v
+            checkpointing.save_tree(os.path.join(tmp, "params", name), p)
+            del p
+        if next(given, None) is not None:
+            raise ValueError(f"{directory}: more groups' params than the plan's {len(plan)} groups")
         checkpointing.fault_point("export_orbax")
         if sharding.is_writer():
             checkpointing.write_json(os.path.join(tmp, "manifest.json"), {
@@ -93,16 +112,14 @@ def save(directory: str, arch: base.Architecture, dense_params: Any,
 
 
 def load(directory: str) -> tuple[base.Architecture, dict, dict]:
-    """(arch, dense-layout params of the compressed model, manifest)."""
-    tree, manifest = read_tree(directory)
-    arch, params = assemble_tree(tree, manifest, where=directory)
-    return arch, params, manifest
+    """(arch, dense-layout params of the compressed model, manifest), assembled a group at a time."""
+    saved = Saved(directory)
+    arch, params = assemble(saved.base(), saved.groups(), saved.manifest, where=directory)
+    return arch, params, saved.manifest
 
 
-def read_tree(directory: str) -> tuple[dict, dict]:
-    """The saved tree `{"base", "fips": {gNN: {"u", "v", "bias"?}}}` and the manifest, unassembled
-    (what a converter such as `export_sparse` starts from). The manifest is checked before the
-    params are read, and the params against the manifest (`check_tree`) before they are returned."""
+def read_manifest(directory: str) -> dict:
+    """The checked manifest of a compressed model directory (either format)."""
     mpath = os.path.join(directory, "manifest.json")
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"no compressed model at {directory}: {mpath} is missing")
@@ -110,13 +127,62 @@ def read_tree(directory: str) -> tuple[dict, dict]:
         manifest = checkpointing.read_json(mpath)
     except ValueError as e:
         raise ValueError(f"{mpath}: corrupt manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, FORMAT_ONE_TREE):
         got = manifest.get("format") if isinstance(manifest, dict) else manifest
-        raise ValueError(f"{mpath}: format {got!r}, expected {FORMAT!r}")
+        raise ValueError(f"{mpath}: format {got!r}, expected {FORMAT!r} (or the older {FORMAT_ONE_TREE!r})")
     check_manifest(manifest, mpath)
-    tree = checkpointing.restore_tree(os.path.join(directory, "params"))
-    check_tree(tree, manifest, os.path.join(directory, "params"))
-    return tree, manifest
+    return manifest
+
+
+class Saved:
+    """A compressed model directory opened for reading one group at a time. The manifest is
+    checked on opening, and the groups held under params/ against its list; `base()` and
+    `group(g)` restore one Orbax item each, checked against the manifest (shapes, nonzeros).
+    A format /1 directory is restored whole on opening (its one tree) and served from memory."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        self.where = os.path.join(directory, "params")
+        names = [g["name"] for g in self.manifest["groups"]]
+        self._tree = None
+        if self.manifest["format"] == FORMAT_ONE_TREE:
+            self._tree = checkpointing.restore_tree(self.where)
+            check_tree(self._tree, self.manifest, self.where)
+            return
+        held = sorted(n for n in (os.listdir(self.where) if os.path.isdir(self.where) else []) if n != "base")
+        _check_names(names, held, self.where)
+        if not os.path.isdir(os.path.join(self.where, "base")):
+            raise ValueError(f"{self.where}: base (the params outside the groups) is missing")
+
+    def base(self) -> dict:
+        if self._tree is not None:
+            return self._tree["base"]
+        tree = checkpointing.restore_tree(os.path.join(self.where, "base"))
+        if not isinstance(tree, dict):
+            raise ValueError(f"{self.where}: base is a {type(tree).__name__}, not a params tree")
+        return tree
+
+    def group(self, g: dict) -> dict:
+        """The params of the manifest's group `g`, checked against it."""
+        if self._tree is not None:
+            return self._tree["fips"][g["name"]]
+        p = checkpointing.restore_tree(os.path.join(self.where, g["name"]))
+        check_group(p, g, self.where)
+        return p
+
+    def groups(self) -> Iterator[tuple[dict, dict]]:
+        """(manifest group, its params) in the manifest's order, one restored at a time."""
+        for g in self.manifest["groups"]:
+            yield g, self.group(g)
+
+
+def read_tree(directory: str) -> tuple[dict, dict]:
+    """The saved tree `{"base", "fips": {gNN: {"u", "v", "bias"?}}}` and the manifest, unassembled,
+    every group at once (`Saved` reads one at a time). The manifest is checked before the params
+    are read, and the params against the manifest (`check_tree`) before they are returned."""
+    saved = Saved(directory)
+    return {"base": saved.base(), "fips": {g["name"]: p for g, p in saved.groups()}}, saved.manifest
 
 
 MANIFEST_KEYS = ("format", "architecture", "hf_config", "groups")
@@ -168,55 +234,71 @@ def check_manifest(manifest: Any, where: str) -> None:
                 f"{where}: manifest group {name}: fc_paths is not {len(blocks)} blocks x {len(fcs)} kernel paths")
 
 
+def _check_names(names: Sequence[str], held: Sequence[str], where: str) -> None:
+    absent = [n for n in names if n not in held]
+    if absent:
+        raise ValueError(f"{where}: manifest groups {absent} are not in the params (they hold {sorted(held)})")
+    extra = sorted(set(held) - set(names))
+    if extra:
+        raise ValueError(f"{where}: params hold groups {extra} that the manifest lacks (it lists {list(names)})")
+
+
 def check_tree(tree: Any, manifest: dict, where: str, count_nonzeros: bool = True) -> None:
-    """The saved tree holds exactly the manifest's groups, each with u [d, rank], v [blocks,
-    fc_names, rank, p], optional biases [blocks, out] per FC, and (count_nonzeros) as many
-    nonzeros in v as the manifest's v_nonzeros. One-line ValueError naming `where` and the tensor."""
+    """The saved tree holds exactly the manifest's groups, each as `check_group` wants it.
+    One-line ValueError naming `where` and the tensor."""
     check_manifest(manifest, where)
     if not isinstance(tree, dict) or not isinstance(tree.get("base"), dict) or not isinstance(tree.get("fips"), dict):
         raise ValueError(f"{where}: params are not {{'base': ..., 'fips': {{group: ...}}}}")
-    names = [g["name"] for g in manifest["groups"]]
-    absent = [n for n in names if n not in tree["fips"]]
-    if absent:
-        raise ValueError(f"{where}: manifest groups {absent} are not in the params (they hold {sorted(tree['fips'])})")
-    extra = sorted(set(tree["fips"]) - set(names))
-    if extra:
-        raise ValueError(f"{where}: params hold groups {extra} that the manifest lacks (it lists {names})")
+    _check_names([g["name"] for g in manifest["groups"]], list(tree["fips"]), where)
     for g in manifest["groups"]:
-        name, p = g["name"], tree["fips"][g["name"]]
-        n, f = len(g["blocks"]), len(g["fc_names"])
-        want = {"u": (g["d"], g["rank"]), "v": (n, f, g["rank"], g["p"])}
-        if not isinstance(p, dict) or not {"u", "v"} <= set(p) or set(p) - {"u", "v", "bias"}:
-            raise ValueError(f"{where}: fips/{name} holds {sorted(p) if isinstance(p, dict) else p!r}, "
-                             f"expected u, v and optionally bias")
-        if "bias" in p:
-            held = sorted(p["bias"]) if isinstance(p["bias"], dict) else type(p["bias"]).__name__
-            if held != sorted(g["fc_names"]):
-                raise ValueError(f"{where}: fips/{name}/bias holds {held}, manifest fc_names {g['fc_names']}")
-            for fc, tr in zip(g["fc_names"], g["transposed"]):
-                want[f"bias/{fc}"] = (n, g["d"] if tr else g["p"])
-        for key, shape in want.items():
-            x = p["bias"][key[5:]] if key.startswith("bias/") else p[key]
-            if tuple(np.shape(x)) != shape:
-                raise ValueError(
-                    f"{where}: fips/{name}/{key} has shape {tuple(np.shape(x))}, the manifest's "
-                    f"blocks={g['blocks']} fc_names={g['fc_names']} d={g['d']} p={g['p']} rank={g['rank']} give {shape}")
-        if count_nonzeros:
-            nnz = int(np.count_nonzero(np.asarray(p["v"])))
-            if nnz != g["v_nonzeros"]:
-                raise ValueError(f"{where}: fips/{name}/v has {nnz} nonzeros, the manifest's v_nonzeros says {g['v_nonzeros']}")
+        check_group(tree["fips"][g["name"]], g, where, count_nonzeros)
+
+
+def check_group(p: Any, g: dict, where: str, count_nonzeros: bool = True) -> None:
+    """One group's params against its manifest entry: u [d, rank], v [blocks, fc_names, rank, p],
+    optional biases [blocks, out] per FC, and (count_nonzeros) as many nonzeros in v as the
+    entry's v_nonzeros. One-line ValueError naming `where` and the tensor."""
+    name = g["name"]
+    n, f = len(g["blocks"]), len(g["fc_names"])
+    want = {"u": (g["d"], g["rank"]), "v": (n, f, g["rank"], g["p"])}
+    if not isinstance(p, dict) or not {"u", "v"} <= set(p) or set(p) - {"u", "v", "bias"}:
+        raise ValueError(f"{where}: fips/{name} holds {sorted(p) if isinstance(p, dict) else p!r}, "
+                         f"expected u, v and optionally bias")
+    if "bias" in p:
+        held = sorted(p["bias"]) if isinstance(p["bias"], dict) else type(p["bias"]).__name__
+        if held != sorted(g["fc_names"]):
+            raise ValueError(f"{where}: fips/{name}/bias holds {held}, manifest fc_names {g['fc_names']}")
+        for fc, tr in zip(g["fc_names"], g["transposed"]):
+            want[f"bias/{fc}"] = (n, g["d"] if tr else g["p"])
+    for key, shape in want.items():
+        x = p["bias"][key[5:]] if key.startswith("bias/") else p[key]
+        if tuple(np.shape(x)) != shape:
+            raise ValueError(
+                f"{where}: fips/{name}/{key} has shape {tuple(np.shape(x))}, the manifest's "
+                f"blocks={g['blocks']} fc_names={g['fc_names']} d={g['d']} p={g['p']} rank={g['rank']} give {shape}")
+    if count_nonzeros:
+        nnz = int(np.count_nonzero(np.asarray(p["v"])))
+        if nnz != g["v_nonzeros"]:
+            raise ValueError(f"{where}: fips/{name}/v has {nnz} nonzeros, the manifest's v_nonzeros says {g['v_nonzeros']}")
 
 
 def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -> tuple[base.Architecture, dict]:
-    """(arch, dense-layout params) from a saved tree and its manifest: every grouped kernel set to
-    U V_t and every grouped bias to the trained one, then checked against the architecture's
-    shapes (every missing, extra or mis-shaped param is named). The groups are checked against the
-    manifest first (`check_tree`; the nonzero count is left to the readers, which already did it)."""
+    """(arch, dense-layout params) from a saved tree and its manifest (`assemble`). The groups are
+    checked against the manifest first (`check_tree`; the nonzero count is left to the readers,
+    which already did it)."""
     check_tree(tree, manifest, where, count_nonzeros=False)
+    return assemble(tree["base"], ((g, tree["fips"][g["name"]]) for g in manifest["groups"]), manifest, where)
+
+
+def assemble(base_params: dict, groups: Iterable[tuple[dict, dict]], manifest: dict,
+             where: str = "compressed model") -> tuple[base.Architecture, dict]:
+    """(arch, dense-layout params): every grouped kernel of the base params set to U V_t and every
+    grouped bias to the trained one, group by group as `groups` gives (manifest group, params),
+    then checked against the architecture's shapes (every missing, extra or mis-shaped param is
+    named)."""
     arch = registry.from_hf_config(manifest["hf_config"])
-    params = tree["base"]
-    for g in manifest["groups"]:
-        p = tree["fips"][g["name"]]
+    params = base_params
+    for g, p in groups:
         layout = grouping.GroupLayout.from_json(g)
         for path, k in factors.group_kernels(p, layout).items():
             params = base.set_path(params, path, jnp.asarray(k))
@@ -224,6 +306,7 @@ def assemble_tree(tree: dict, manifest: dict, where: str = "compressed model") -
             for f, name in enumerate(layout.fc_names):
                 for b, row in enumerate(layout.fc_paths):
                     params = base.set_path(params, f"{row[f].rsplit('/', 1)[0]}/bias", jnp.asarray(p["bias"][name][b]))
+        del p
     expected = jax.eval_shape(arch.init, jax.random.PRNGKey(0))
     want = {grouping.path_str(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     have = {grouping.path_str(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -2,7 +2,7 @@
 
     python -m fips_jax.export_sparse --compressed=/tmp/run/compressed --out=/tmp/run/model.safetensors
 
-Tensors (slash-joined names):
+Tensors (slash-joined names; written a group at a time, the header first, by `write`):
 
     base/<param path>        every param outside the grouped MLP kernels, in its own dtype
     fips/gNN/u               [d, r] shared basis (dense)
@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from fips_jax import checkpointing, export
 from fips_jax.models import base
@@ -158,34 +157,118 @@ def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
 
 def save(path: str, tree: Mapping[str, Any], manifest: Mapping[str, Any]) -> SizeReport:
     """Write `{"base", "fips": {gNN: {u, v, bias?}}}` (the tree `export.save` stores) and its
-    manifest to one safetensors file, atomically (a temp file next to it, fsynced, renamed into
-    place). Returns the sizes. Raises ValueError naming the tensors if any value is NaN or
-    infinite."""
-    export.check_finite({"base": tree["base"], "fips": {g["name"]: tree["fips"][g["name"]] for g in manifest["groups"]}},
-                        where=path)
-    tensors = _flat(tree["base"], "base/")
-    for g in manifest["groups"]:
-        name, group_params = g["name"], tree["fips"][g["name"]]
-        tensors[f"fips/{name}/u"] = np.asarray(group_params["u"])
-        for part, arr in encode_v(group_params["v"]).items():
-            tensors[f"fips/{name}/v/{part}"] = arr
-        if "bias" in group_params:
-            tensors.update(_flat(group_params["bias"], f"fips/{name}/bias/"))
+    manifest to one safetensors file (`write`). Returns the sizes."""
+    return write(path, tree["base"], lambda: ((g, tree["fips"][g["name"]]) for g in manifest["groups"]), manifest)
+
+
+def convert(compressed_dir: str, path: str) -> SizeReport:
+    """The directory of `export.save` -> one sparse safetensors file, reading one group at a time."""
+    saved = export.Saved(compressed_dir)
+    return write(path, saved.base(), saved.groups, saved.manifest)
+
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                      "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
+
+
+def _group_parts(g: Mapping[str, Any], p: Mapping[str, Any], encode: bool) -> dict[str, Any]:
+    """{tensor name: array} of one group (encode) or {tensor name: (shape, dtype)} (the layout
+    alone: v's row counts decide the index parts' shapes, nothing is encoded)."""
+    name = g["name"]
+    out: dict[str, Any] = {}
+    if encode:
+        out[f"fips/{name}/u"] = np.asarray(p["u"])
+        for part, arr in encode_v(p["v"]).items():
+            out[f"fips/{name}/v/{part}"] = arr
+        if "bias" in p:
+            out.update(_flat(p["bias"], f"fips/{name}/bias/"))
+        return out
+    v = np.asarray(p["v"])
+    pdim = v.shape[-1]
+    counts = np.count_nonzero(v.reshape(-1, pdim), axis=1)
+    as_cols, as_bits = _row_kinds(counts, pdim)
+    idx = _index_dtype(pdim)
+    out[f"fips/{name}/u"] = (tuple(np.shape(p["u"])), np.dtype(p["u"].dtype))
+    out[f"fips/{name}/v/values"] = ((int(counts.sum()),), v.dtype)
+    out[f"fips/{name}/v/row_nnz"] = (counts.shape, idx)
+    out[f"fips/{name}/v/bitmap"] = ((int(as_bits.sum()), -(-pdim // 8)), np.dtype(np.uint8))
+    out[f"fips/{name}/v/cols"] = ((int(counts[as_cols].sum()),), idx)
+    if "bias" in p:
+        for k, x in jax.tree_util.tree_leaves_with_path(p["bias"]):
+            out[f"fips/{name}/bias/{base.path_str(k)}"] = (tuple(np.shape(x)), np.dtype(x.dtype))
+    return out
+
+
+def write(path: str, base_params: Mapping[str, Any], groups: Any, manifest: Mapping[str, Any]) -> SizeReport:
+    """Write the base params and every group's factors to one safetensors file, holding one
+    group at a time. `groups()` yields (manifest group, params) in the manifest's order; it is
+    called twice: once for the layout (shapes from v's row counts, so the header comes first),
+    once to encode and write each group's tensors at their offsets. The file is built next to
+    `path` (a temp file, fsynced, renamed into place) and readable by any safetensors reader.
+    Raises ValueError naming the tensors if any value is NaN or infinite. Returns the sizes."""
+    export.check_finite({"base": base_params}, where=path)
+    base_tensors = _flat(base_params, "base/")
+    layout = {k: (x.shape, x.dtype) for k, x in base_tensors.items()}
+    n_groups = 0
+    for g, p in groups():
+        export.check_finite({"fips": {g["name"]: p}}, where=path)
+        layout.update(_group_parts(g, p, encode=False))
+        n_groups += 1
+        del p
+    if n_groups != len(manifest["groups"]):
+        raise ValueError(f"{path}: {n_groups} groups' params for a manifest of {len(manifest['groups'])} groups")
+    header, offsets = _header(layout, {"format": FORMAT, "manifest": json.dumps(manifest, sort_keys=True)}, path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"  # a fixed name: a killed attempt's leftover is overwritten by the next
-    save_file(tensors, tmp, metadata={"format": FORMAT, "manifest": json.dumps(manifest, sort_keys=True)})
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + max((end for _, end in offsets.values()), default=0))
+        _write_at(f, len(header), base_tensors, layout, offsets, path)
+        for g, p in groups():
+            _write_at(f, len(header), _group_parts(g, p, encode=True), layout, offsets, path)
+            del p
     checkpointing.fsync_file(tmp)
     checkpointing.fault_point("export_sparse")
     os.replace(tmp, path)
     checkpointing.fsync_dir(folder)
-    return size_report({k: v.nbytes for k, v in tensors.items()}, manifest, os.path.getsize(path))
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
+    return size_report(sizes, manifest, os.path.getsize(path))
 
 
-def convert(compressed_dir: str, path: str) -> SizeReport:
-    """The Orbax export of `export.save` in `compressed_dir` -> one sparse safetensors file."""
-    tree, manifest = export.read_tree(compressed_dir)
-    return save(path, tree, manifest)
+def _header(layout: Mapping[str, tuple], metadata: Mapping[str, str], path: str) -> tuple[bytes, dict]:
+    """The safetensors header (8-byte length + JSON, padded with spaces to a multiple of 8) and
+    every tensor's [begin, end) in the data. Tensors are ordered by item size, largest first,
+    then by name, so that each starts aligned to its item size."""
+    order = sorted(layout, key=lambda k: (-np.dtype(layout[k][1]).itemsize, k))
+    entries: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offsets, at = {}, 0
+    for k in order:
+        shape, dtype = layout[k]
+        if np.dtype(dtype).name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: {k} has dtype {np.dtype(dtype).name}, which safetensors cannot store")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        offsets[k] = (at, at + nbytes)
+        entries[k] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype).name], "shape": [int(s) for s in shape],
+                      "data_offsets": [at, at + nbytes]}
+        at += nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text, offsets
+
+
+def _write_at(f, data_start: int, tensors: Mapping[str, np.ndarray], layout: Mapping[str, tuple],
+              offsets: Mapping[str, tuple[int, int]], path: str) -> None:
+    for k, x in tensors.items():
+        x = np.ascontiguousarray(x)
+        if (tuple(x.shape), x.dtype) != (tuple(layout[k][0]), np.dtype(layout[k][1])):
+            raise ValueError(f"{path}: {k} changed between the layout pass and the write "
+                             f"({layout[k][0]} {np.dtype(layout[k][1])} -> {x.shape} {x.dtype})")
+        if x.dtype.byteorder == ">":
+            x = x.astype(x.dtype.newbyteorder("<"))
+        f.seek(data_start + offsets[k][0])
+        f.write(x.reshape(-1).view(np.uint8).data)
 
 
 def _group_tensors(g: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...] | None, bool]]:

@@ -111,7 +111,7 @@ def run(cfg: dict, workdir: str, log: Callable[[str], None] = print, on_step=Non
     # Evaluate every variant, count what each keeps, export FiPS.
     evals, task_metrics = task.evaluate(state, arch, params, dat, cal.variants)
     budgets = variant_budgets(plan, params, cal, peers, final)
-    exported = export_compressed(state, arch, params, plan, lambda: [final[n] for n in cal.layouts],
+    exported = export_compressed(state, arch, params, plan, (final[n] for n in cal.layouts),
                                  {"budget": budgets["fips"], "evals": evals, "finetuned": tuned is not None})
     sp = sparsity_per_block(plan, (final[n] for n in cal.layouts))
     metrics = {
@@ -187,18 +187,18 @@ def sparsity_per_block(plan, group_params: Iterable[dict]) -> dict[int, float]:
     return out
 
 
-def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, group_params: Callable[[], list],
+def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, group_params: Iterable[dict],
                       manifest: dict) -> dict:
-    """Both exports of the compressed model: the Orbax tree with its manifest (`compressed/`) and
-    the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices),
-    converted from what was written. `group_params()` gives every group's factors; they are
-    dropped before the conversion reads them back, so the two copies are never held together.
-    Returns paths and the on-disk sizes next to the dense MLP's."""
+    """Both exports of the compressed model: the Orbax items with their manifest (`compressed/`)
+    and the sparse safetensors file (`compressed.safetensors`: U, V's nonzeros and their indices),
+    converted from what was written. `group_params` yields the groups' factors in order (read
+    from the stage store as it goes); each export holds one group at a time. Returns paths and
+    the on-disk sizes next to the dense MLP's."""
     lc = state.cfg["local"]
     manifest = {**manifest, "sparsity": {
         "algorithm": lc["algorithm"], "target": state.cfg["fips"]["sparsity"],
         "nm": [lc["n"], lc["m"]] if lc["algorithm"] == "nm" else None, "nm_axis": "rank (axis -2 of v)"}}
-    export.save(state.path("compressed"), arch, params, plan, group_params(), manifest=manifest)
+    export.save(state.path("compressed"), arch, params, plan, group_params, manifest=manifest)
     out = {"orbax": state.path("compressed"), "safetensors": state.path("compressed.safetensors")}
     if sharding.is_writer():
         sizes = export_sparse.convert(out["orbax"], out["safetensors"])

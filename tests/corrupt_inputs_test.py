@@ -423,8 +423,8 @@ def test_compressed_dir_with_a_misshaped_v_in_the_params(compressed, tmp_path):
     directory = str(tmp_path / "compressed")
     shutil.copytree(compressed[0], directory)
     tree, _ = export.read_tree(directory)
-    tree["fips"]["g01"]["v"] = tree["fips"]["g01"]["v"][:, :, :, :39]
-    checkpointing.save_tree(os.path.join(directory, "params"), tree)
+    group = dict(tree["fips"]["g01"], v=tree["fips"]["g01"]["v"][:, :, :, :39])
+    checkpointing.save_tree(os.path.join(directory, "params", "g01"), group)
     where = os.path.join(directory, "params")
     with pytest.raises(ValueError, match=re.escape(where) + r": fips/g01/v has shape \(2, 3, 8, 39\)") as err:
         export.load(directory)

@@ -160,21 +160,26 @@ def test_a_ramp_that_ends_before_the_first_mask_update_runs_to_the_target(tmp_pa
 
 
 def test_finished_llm_groups_stay_on_disk_and_are_assembled_one_at_a_time(tmp_path, monkeypatch):
-    """A finished group's factors are not held after it is saved: the evaluations read them back
-    from the stage store, and assembling a model drops each group's factors before reading the
-    next (with 4 groups, a list would keep 3 earlier ones alive)."""
+    """A finished group's factors are not held after it is saved: the evaluations and the export
+    read them back from the stage store, and assembling a model drops each group's factors before
+    reading the next (with 4 groups, a list would keep 3 earlier ones alive)."""
     import weakref
 
     from fips_jax.tasks import causal_lm
 
     reads, alive_at_read, evaluating = [], [], [False]
+    exported, alive_at_export, exporting = [], [], [False]
     get = stages.StoredTrees.__getitem__
 
     def tracked(self, key):
+        alive = lambda seen: sum(any(r() is not None for r in refs) for refs in seen)
         tree = get(self, key)
         if evaluating[0]:
-            alive_at_read.append(sum(any(r() is not None for r in refs) for refs in reads))
+            alive_at_read.append(alive(reads))
             reads.append([weakref.ref(x) for x in jax.tree_util.tree_leaves(tree)])
+        if exporting[0]:
+            alive_at_export.append(alive(exported))
+            exported.append([weakref.ref(x) for x in jax.tree_util.tree_leaves(tree)])
         return tree
 
     evaluate = causal_lm.evaluate
@@ -186,13 +191,25 @@ def test_finished_llm_groups_stay_on_disk_and_are_assembled_one_at_a_time(tmp_pa
         finally:
             evaluating[0] = False
 
+    export_compressed = pipeline.export_compressed
+
+    def tracked_export(*args, **kwargs):
+        exporting[0] = True
+        try:
+            return export_compressed(*args, **kwargs)
+        finally:
+            exporting[0] = False
+
     monkeypatch.setattr(stages.StoredTrees, "__getitem__", tracked)
     monkeypatch.setattr(causal_lm, "evaluate", tracked_evaluate)
+    monkeypatch.setattr(pipeline, "export_compressed", tracked_export)
     cfg = _config("tiny_llama", **{"local.epochs": 1.0, "fips.group_size": 1})
     m = pipeline.run(cfg, str(tmp_path), log=QUIET)
     assert len(m["groups"]) == 4 and len(reads) == 4, (len(m["groups"]), len(reads))
     # Reading group k, at most group k-1 (the assembling loop's last item) is still referenced.
     assert max(alive_at_read) <= 1, alive_at_read
+    # The export reads each group once and has let go of the previous one when it does.
+    assert alive_at_export == [0, 0, 0, 0], alive_at_export
     # What was read back is what the stage store holds, and the export carries it.
     tree, _ = export.read_tree(str(tmp_path / "compressed"))
     for g, saved in enumerate(_final_groups(str(tmp_path))):
