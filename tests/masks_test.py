@@ -216,3 +216,15 @@ def test_magnitude_topk_is_topk_of_the_magnitude_scores(scope):
         want = mk.topk_masks(mk.magnitude_scores(leaves, active), k, scope)
         got = jax.jit(lambda ws, a, k=k: mk.topk_magnitude_masks(ws, a, k, scope))(leaves, active)
         _check(got, [None if w is None else np.asarray(w) for w in want])
+
+
+def test_magnitude_topk_builds_no_score_sized_temporary():
+    """The passes of topk_magnitude_masks recompute the order keys from w and its active mask:
+    XLA must not merge them into one key array the size of w (4 bytes per entry). What remains
+    is the bool mask being built (1 byte per entry) and small per-pass counts."""
+    w = jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32)
+    active = jax.ShapeDtypeStruct(w.shape, jnp.bool_)
+    fn = jax.jit(lambda w_, a_: mk.topk_magnitude_masks([w_], [a_], jnp.int32(1000), "global"))
+    temp = fn.lower(w, active).compile().memory_analysis().temp_size_in_bytes
+    n = 8 * 256 * 1024
+    assert temp < 2 * n, f"temp {temp} bytes for {n} entries"

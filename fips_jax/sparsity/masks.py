@@ -288,13 +288,16 @@ def _topk_groups(groups: list[list[Any]], ks: list[jnp.ndarray], score: Any) -> 
     """
     if score is _plain:
         materialised = [[_order_key(s) for s in leaves] for leaves in groups]
-        keys_now = lambda: materialised  # noqa: E731
+        keys_now = lambda after: materialised  # noqa: E731
         to_key = _plain
     else:
         to_key = lambda item: _order_key(score(item))  # noqa: E731
 
-        def keys_now():
-            return [[to_key(s) for s in leaves] for leaves in jax.lax.optimization_barrier(groups)]
+        def keys_now(after):
+            # The barrier takes the previous pass's result too: barriers on the same operands
+            # alone would be merged by CSE into one, and the keys computed once, score-sized.
+            srcs, _ = jax.lax.optimization_barrier((groups, after))
+            return [[to_key(s) for s in leaves] for leaves in srcs]
 
     # Largest key t per group with count(key >= t) >= k, b bits per pass from the top: the
     # candidates t | j << shift (j = 1 .. 2**b - 1) are counted together and the largest j
@@ -309,7 +312,7 @@ def _topk_groups(groups: list[list[Any]], ks: list[jnp.ndarray], score: Any) -> 
     for width in _pass_widths(32, _BITS_PER_PASS):
         shift -= width
         new_state = []
-        for leaves, k, (t, at_least, above) in zip(keys_now(), ks, state):
+        for leaves, k, (t, at_least, above) in zip(keys_now(state), ks, state):
             cands = [t | jnp.uint32(j << shift) for j in range(1, 2**width)]
             counts = [[_count(key >= c) for key in leaves] for c in cands]  # [cand][leaf]
             # Totals fall as j grows, so the accepted candidates are a prefix: j* = their number.
@@ -323,7 +326,7 @@ def _topk_groups(groups: list[list[Any]], ks: list[jnp.ndarray], score: Any) -> 
         state = new_state
 
     masks = []
-    sources = groups if score is not _plain else keys_now()
+    sources = groups if score is not _plain else keys_now(state)
     for leaves, k, (t, at_least, above) in zip(sources, ks, state):
         # Ties to keep: k - count(key > t) <= count(key == t), handed out in leaf order.
         left = k - sum(above)
