@@ -93,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.local.block_remat = False
     # LLMs: the dense model (and the streams' copies) waits in host memory during each group's
     # local optimisation, which needs only its host-fed minibatches: on an 8B model 15 GiB of
-    # device memory for a host copy and a transfer each way per group. Changes no result.
+    # device memory for a host copy and a transfer each way per group. With local.store=disk it
+    # waits in files of the group's store instead (a CPU backend's device memory is the host's:
+    # only files free it). Changes no result.
     c.local.offload_model = False
     # LLM: where a group's calibration activations ([blocks, tokens, d] MLP inputs, targets, the
     # student's, and the block outputs forming the drift) live on the host: memory (anonymous

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -381,18 +382,25 @@ def per_device_bytes(shape: Sequence[int], dtype: Any, sharding: NamedSharding) 
 
 
 class HostCopy:
-    """The device arrays of some pytrees moved to host memory and back (`local.offload_model`).
+    """The device arrays of some pytrees moved to host memory, or to files, and back
+    (`local.offload_model`).
 
     `HostCopy(trees)` copies every distinct jax.Array leaf of `trees`, shard by shard (each
     process only its addressable shards, a replicated shard once per index), and frees its device
     buffers: the arrays themselves are deleted, so every other reference to them is dead until
     `restore()`. `restore()` puts each back with its sharding and returns `trees` with the new
     arrays; leaves shared between trees (or within one) stay shared. Non-array leaves pass through.
+
+    directory: write the shards there as raw files instead of keeping them in host memory (read
+    back through a file mapping, deleted by `restore`). On a CPU backend the device memory is host
+    memory, and only files free it.
     """
 
-    def __init__(self, trees: Sequence[Any]):
-        self.trees = list(trees)
+    def __init__(self, trees: Sequence[Any], directory: str | None = None):
+        self.trees, self.directory = list(trees), directory
         self._saved: dict[int, tuple[tuple[int, ...], Any, dict]] = {}
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
         for tree in self.trees:
             for leaf in jax.tree_util.tree_leaves(tree):
                 if isinstance(leaf, jax.Array) and id(leaf) not in self._saved:
@@ -400,22 +408,54 @@ class HostCopy:
                     for shard in leaf.addressable_shards:
                         key = _index_key(shard.index)
                         if key not in by_index:
-                            by_index[key] = np.asarray(shard.data)
+                            by_index[key] = self._keep(np.asarray(shard.data))
                     self._saved[id(leaf)] = (leaf.shape, leaf.sharding, by_index)
         for tree in self.trees:
             for leaf in jax.tree_util.tree_leaves(tree):
                 if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                     leaf.delete()
-        self.nbytes = sum(a.nbytes for _, _, by in self._saved.values() for a in by.values())
+        self.nbytes = sum(_kept_nbytes(a) for _, _, by in self._saved.values() for a in by.values())
+
+    def _keep(self, a: np.ndarray) -> Any:
+        """`a` itself, or (path, shape, dtype) of the raw file it was written to."""
+        if self.directory is None:
+            return a
+        path = os.path.join(self.directory, f"{len(os.listdir(self.directory)):05d}.bin")
+        a = np.ascontiguousarray(a)
+        with open(path, "wb") as f:
+            f.write(a.reshape(-1).view(np.uint8).data)
+        return path, a.shape, a.dtype
+
+    @staticmethod
+    def _read(kept: Any) -> np.ndarray:
+        if isinstance(kept, np.ndarray):
+            return kept
+        path, shape, dtype = kept
+        if not math.prod(shape):
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=np.uint8, mode="r").view(dtype).reshape(shape)
 
     def restore(self) -> list[Any]:
         new: dict[int, jax.Array] = {}
         for key, (shape, sh, by_index) in self._saved.items():
             idx = sh.addressable_devices_indices_map(shape)
-            new[key] = jax.make_array_from_single_device_arrays(
-                shape, sh, [jax.device_put(by_index[_index_key(i)], dev) for dev, i in idx.items()])
+            shards = []
+            for dev, i in idx.items():
+                host = self._read(by_index[_index_key(i)])
+                shards.append(jax.device_put(np.array(host) if isinstance(host, np.memmap) else host, dev))
+                del host
+            new[key] = jax.make_array_from_single_device_arrays(shape, sh, shards)
         self._saved = {}
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
         return [jax.tree_util.tree_map(lambda leaf: new.get(id(leaf), leaf), tree) for tree in self.trees]
+
+
+def _kept_nbytes(kept: Any) -> int:
+    if isinstance(kept, np.ndarray):
+        return kept.nbytes
+    _, shape, dtype = kept
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def _index_key(index: tuple) -> tuple:

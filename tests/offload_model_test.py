@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     """The same run with the model resident and offloaded; the offloaded one records, at every
     local step, whether the model's arrays it was given are deleted."""
     out = {}
-    for offload in (False, True):
+    for offload in (False, True, "disk"):
         wd = tmp_path_factory.mktemp(f"offload_{offload}")
         seen = {"deleted_at_step": []}
         calibrate = causal_lm.calibrate
@@ -43,14 +43,27 @@ def runs(tmp_path_factory):
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(causal_lm, "calibrate", calibrate_and_keep)
-            metrics = pipeline.run(_config(**{"local.offload_model": offload}), str(wd), log=lambda m: None,
-                                   on_step=on_step)
+            over = {"local.offload_model": bool(offload)}
+            if offload == "disk":  # the model goes to files of the group's store
+                over["local.store"] = "disk"
+                host_copy = sharding.HostCopy
+
+                def recording(trees, directory=None, seen=seen):
+                    copy = host_copy(trees, directory)
+                    seen.setdefault("files", []).append(
+                        (directory, sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)),
+                         copy.nbytes))
+                    return copy
+
+                mp.setattr(sharding, "HostCopy", recording)
+            metrics = pipeline.run(_config(**over), str(wd), log=lambda m: None, on_step=on_step)
         out[offload] = dict(wd=wd, metrics=metrics, **seen)
     return out
 
 
-def test_offloaded_run_matches_the_resident_one_bit_for_bit(runs):
-    a, b = runs[False], runs[True]
+@pytest.mark.parametrize("where", [True, "disk"], ids=["host", "disk"])
+def test_offloaded_run_matches_the_resident_one_bit_for_bit(runs, where):
+    a, b = runs[False], runs[where]
     for g in ("g00", "g01"):
         fa = stages.load_arrays(str(a["wd"] / "groups" / g / "final.npz"))
         fb = stages.load_arrays(str(b["wd"] / "groups" / g / "final.npz"))
@@ -61,8 +74,14 @@ def test_offloaded_run_matches_the_resident_one_bit_for_bit(runs):
 
 
 def test_the_model_is_off_the_device_during_local_steps_only(runs):
-    b = runs[True]
-    assert b["deleted_at_step"] and all(b["deleted_at_step"]), b["deleted_at_step"]
+    for where in (True, "disk"):
+        b = runs[where]
+        assert b["deleted_at_step"] and all(b["deleted_at_step"]), (where, b["deleted_at_step"])
+    # On disk: one folder per group in its store, holding every byte of the model while the
+    # group trains, and gone with the group.
+    files = runs["disk"]["files"]
+    assert len(files) == 2 and all(size == held > 0 for _, size, held in files), files
+    assert all(os.sep.join(("acts", "p0", "model")) in d and not os.path.exists(d) for d, _, _ in files), files
     # Resident: never deleted (the pipeline evaluated with the arrays it loaded).
     assert runs[False]["deleted_at_step"] and not any(runs[False]["deleted_at_step"])
 
@@ -80,6 +99,23 @@ def test_host_copy_restores_sharded_and_shared_leaves():
     assert first["x"] is second[0] and first["n"] == 3
     assert first["x"].sharding == x.sharding and first["y"].sharding == y.sharding
     assert first["y"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(first["x"]), np.arange(64.0).reshape(8, 8))
+    np.testing.assert_array_equal(np.asarray(first["y"], np.float32), np.arange(6))
+
+
+def test_host_copy_to_files_restores_sharded_and_shared_leaves(tmp_path):
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    x = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("a", "b")))
+    y = jax.device_put(jnp.arange(6, dtype=jnp.bfloat16), NamedSharding(mesh, P()))
+    e = jax.device_put(jnp.zeros((0, 3)), NamedSharding(mesh, P()))
+    directory = str(tmp_path / "model")
+    copy = sharding.HostCopy([{"x": x, "y": y, "e": e}, [x]], directory=directory)
+    assert x.is_deleted() and y.is_deleted()
+    assert sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) == copy.nbytes == 64 * 4 + 6 * 2
+    first, second = copy.restore()
+    assert not os.path.exists(directory)
+    assert first["x"] is second[0] and first["x"].sharding == x.sharding and first["y"].dtype == jnp.bfloat16
+    assert first["e"].shape == (0, 3)
     np.testing.assert_array_equal(np.asarray(first["x"]), np.arange(64.0).reshape(8, 8))
     np.testing.assert_array_equal(np.asarray(first["y"], np.float32), np.arange(6))
 

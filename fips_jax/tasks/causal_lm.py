@@ -373,12 +373,15 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
 
     def off_device(grp: _Group):
         """`local.offload_model`: run fn() with the dense model, and every stream's copy of it,
-        in host memory. The local step needs none of it (its minibatches come from the host), and
-        on an 8-9B model it is 15-17 GiB of device memory. Afterwards every holder gets the
-        re-placed arrays: `params` here, the streams, the group's problems."""
+        in host memory, or in files of the group's store with `local.store=disk` (on a CPU
+        backend, where the device's memory is the host's, only files free it). The local step
+        needs none of it (its minibatches come from the host), and on an 8-9B model it is 15-17
+        GiB of device memory. Afterwards every holder gets the re-placed arrays: `params` here,
+        the streams, the group's problems."""
         def run_off(fn):
             nonlocal params
-            copy = sharding.HostCopy([params] + [s.params for s in streams])
+            to = None if grp.store.directory is None else os.path.join(grp.store.directory, "model")
+            copy = sharding.HostCopy([params] + [s.params for s in streams], directory=to)
             try:
                 return fn()
             finally:
