@@ -145,6 +145,8 @@ class Phases:
         elif m := re.match(r"\[(eval_\w+)\] \.\.\.", msg):
             self.name = m.group(1)
         elif re.match(r"\[eval_fips_final\] [\d.]+s", msg):
+            self.name = "budgets"
+        elif msg.startswith("export:"):
             self.name = "export + report"
 
 
@@ -289,7 +291,7 @@ def breakdown(res: dict) -> dict:
     }
 
 
-FINAL_PHASES = ("assemble compressed models", "eval_", "export + report")
+FINAL_PHASES = ("assemble compressed models", "eval_", "budgets", "export + report")
 
 
 def loop_peak(r: dict) -> float | None:

@@ -194,6 +194,7 @@ def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, 
     converted from what was written. `group_params` yields the groups' factors in order (read
     from the stage store as it goes); each export holds one group at a time. Returns paths and
     the on-disk sizes next to the dense MLP's."""
+    state.log(f"export: {state.path('compressed')} and compressed.safetensors, one group at a time")
     lc = state.cfg["local"]
     manifest = {**manifest, "sparsity": {
         "algorithm": lc["algorithm"], "target": state.cfg["fips"]["sparsity"],
