@@ -195,6 +195,7 @@ def export_compressed(state: stages.Run, arch: base.Architecture, params, plan, 
     from the stage store as it goes); each export holds one group at a time. Returns paths and
     the on-disk sizes next to the dense MLP's."""
     state.log(f"export: {state.path('compressed')} and compressed.safetensors, one group at a time")
+    stages.trim_heap()
     lc = state.cfg["local"]
     manifest = {**manifest, "sparsity": {
         "algorithm": lc["algorithm"], "target": state.cfg["fips"]["sparsity"],

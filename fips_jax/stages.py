@@ -9,6 +9,8 @@ stage's directory, so an interrupted stage resumes mid-loop.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -48,6 +50,19 @@ def host_tree(tree: Any) -> Any:
             return v
         return np.asarray(v) if v.is_fully_addressable else np.asarray(multihost_utils.process_allgather(v, tiled=True))
     return jax.tree_util.tree_map(one, tree)
+
+
+def trim_heap() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); False where the C
+    library has no such call. Buffers freed between stages (minibatches, per-block activations,
+    step inputs: tens of MiB each, below glibc's mmap threshold) stay in the heap otherwise, and
+    RSS keeps them: about 1 GiB per LLM group at d 1024, the base every later phase's peak sits on."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    fn(0)
+    return True
 
 
 class StoredTrees(Mapping):
@@ -147,6 +162,7 @@ class Run:
         # JSON stages, i.e. evaluations; array stages are `array_stage:N`).
         checkpointing.fault_point("stage" if kind == "json" else "array_stage")
         self.save(name, result, kind)
+        trim_heap()
         if not quiet:
             self.log(f"[{label}] {time.perf_counter() - t0:.1f}s")
         return result

@@ -439,6 +439,7 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
                 if os.path.exists(prev):
                     os.remove(prev)
             checkpointing.fault_point("group_done")
+            stages.trim_heap()  # the group's freed step inputs and activations, before the next group's
             log(f"group {g} done in {stats['seconds']:.0f}s: held-out rel. error " + ", ".join(
                 f"{k} {np.mean(v):.4f}" for k, v in stats["heldout_rel_error"].items()))
         group_stats.append(stats)
