@@ -233,8 +233,7 @@ def write(path: str, base_params: Mapping[str, Any], groups: Any, manifest: Mapp
     checkpointing.fault_point("export_sparse")
     os.replace(tmp, path)
     checkpointing.fsync_dir(folder)
-    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
-    return size_report(sizes, manifest, os.path.getsize(path))
+    return size_report({k: end - begin for k, (begin, end) in offsets.items()}, manifest, os.path.getsize(path))
 
 
 def _header(layout: Mapping[str, tuple], metadata: Mapping[str, str], path: str) -> tuple[bytes, dict]:

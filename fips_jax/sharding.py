@@ -414,26 +414,27 @@ class HostCopy:
             for leaf in jax.tree_util.tree_leaves(tree):
                 if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                     leaf.delete()
-        self.nbytes = sum(_kept_nbytes(a) for _, _, by in self._saved.values() for a in by.values())
+        self.nbytes = sum(_nbytes(a if isinstance(a, np.ndarray) else a[1])
+                          for _, _, by in self._saved.values() for a in by.values())
 
     def _keep(self, a: np.ndarray) -> Any:
-        """`a` itself, or (path, shape, dtype) of the raw file it was written to."""
+        """`a` itself, or (the raw file it was written to, its shape and dtype)."""
         if self.directory is None:
             return a
         path = os.path.join(self.directory, f"{len(os.listdir(self.directory)):05d}.bin")
         a = np.ascontiguousarray(a)
         with open(path, "wb") as f:
             f.write(a.reshape(-1).view(np.uint8).data)
-        return path, a.shape, a.dtype
+        return path, jax.ShapeDtypeStruct(a.shape, a.dtype)
 
     @staticmethod
     def _read(kept: Any) -> np.ndarray:
         if isinstance(kept, np.ndarray):
             return kept
-        path, shape, dtype = kept
-        if not math.prod(shape):
-            return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=np.uint8, mode="r").view(dtype).reshape(shape)
+        path, like = kept
+        if not math.prod(like.shape):
+            return np.zeros(like.shape, like.dtype)
+        return np.memmap(path, dtype=np.uint8, mode="r").view(like.dtype).reshape(like.shape)
 
     def restore(self) -> list[Any]:
         new: dict[int, jax.Array] = {}
@@ -449,13 +450,6 @@ class HostCopy:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
         return [jax.tree_util.tree_map(lambda leaf: new.get(id(leaf), leaf), tree) for tree in self.trees]
-
-
-def _kept_nbytes(kept: Any) -> int:
-    if isinstance(kept, np.ndarray):
-        return kept.nbytes
-    _, shape, dtype = kept
-    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def _index_key(index: tuple) -> tuple:

@@ -182,27 +182,18 @@ def test_finished_llm_groups_stay_on_disk_and_are_assembled_one_at_a_time(tmp_pa
             exported.append([weakref.ref(x) for x in jax.tree_util.tree_leaves(tree)])
         return tree
 
-    evaluate = causal_lm.evaluate
-
-    def tracked_evaluate(*args, **kwargs):
-        evaluating[0] = True
-        try:
-            return evaluate(*args, **kwargs)
-        finally:
-            evaluating[0] = False
-
-    export_compressed = pipeline.export_compressed
-
-    def tracked_export(*args, **kwargs):
-        exporting[0] = True
-        try:
-            return export_compressed(*args, **kwargs)
-        finally:
-            exporting[0] = False
+    def flagged(fn, flag):  # fn, with flag[0] True while it runs
+        def run(*args, **kwargs):
+            flag[0] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                flag[0] = False
+        return run
 
     monkeypatch.setattr(stages.StoredTrees, "__getitem__", tracked)
-    monkeypatch.setattr(causal_lm, "evaluate", tracked_evaluate)
-    monkeypatch.setattr(pipeline, "export_compressed", tracked_export)
+    monkeypatch.setattr(causal_lm, "evaluate", flagged(causal_lm.evaluate, evaluating))
+    monkeypatch.setattr(pipeline, "export_compressed", flagged(pipeline.export_compressed, exporting))
     cfg = _config("tiny_llama", **{"local.epochs": 1.0, "fips.group_size": 1})
     m = pipeline.run(cfg, str(tmp_path), log=QUIET)
     assert len(m["groups"]) == 4 and len(reads) == 4, (len(m["groups"]), len(reads))
