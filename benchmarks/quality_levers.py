@@ -93,20 +93,22 @@ def main() -> None:
         rank = pipeline.plan_groups(cfg, arch, params)[args.group][1]
         run = stages.Run(cfg, os.path.join(workdir, name), log=lambda s: None)
         t0 = time.perf_counter()
-        grp = causal_lm._Group(run, arch, params, layout, rank, args.group, x, xh, True)  # pylint: disable=protected-access
+        grp = causal_lm._Group(run, arch, params, layout, rank, args.group, x, xh, (True, True))  # pylint: disable=protected-access
         grp0 = grp0 or grp
         t_stats = time.perf_counter() - t0
         p0 = fips.init(grp.problem)[0][1]
         t_init = time.perf_counter() - t0 - t_stats
         shot = fips.one_shot(p0, cfg)
+        # Measured before the training, which consumes p0 (its device buffers are donated).
+        err_init = float(np.mean(grp.heldout([(layout, p0)])))
+        err_shot = float(np.mean(grp.heldout([(layout, shot)])))
         fips_loss, _ = causal_lm._loss_fns(run, arch.mlp_spec)  # pylint: disable=protected-access
         p1, losses = causal_lm._train_fips(run, grp, p0, fips_loss)  # pylint: disable=protected-access
         t_total = time.perf_counter() - t0
         v = np.asarray(p1["v"])
         d = layout.d
         row = {"lever": name, "overrides": overrides, "rank": rank, "steps": grp.steps,
-               "heldout_init": float(np.mean(grp.heldout([(layout, p0)]))),
-               "heldout_one_shot": float(np.mean(grp.heldout([(layout, shot)]))),
+               "heldout_init": err_init, "heldout_one_shot": err_shot,
                "heldout_final": float(np.mean(grp.heldout([(layout, p1)]))),
                "kept_fraction": factors.kept([(layout, p1)]) / layout.dense_weights,
                "zero_rows_above_d": int(np.sum(~np.any(v[:, :, d:, :] != 0, axis=(0, 1, 3)))) if rank > d else 0,
