@@ -404,7 +404,7 @@ def main():
     f = fit(results)
     if f:
         print(f"\nFit on the random Llama cases ({len(f['points'])} points, 16 blocks, groups of 4, "
-              f"{results[-1]['calib_tokens']} calibration tokens, float32): peak RSS = {f['intercept_gib']:.2f} GiB "
+              f"{results[-1]['calib_tokens']} calibration tokens, {'/'.join(sorted({r['dtype'] for r in results}))} model): peak RSS = {f['intercept_gib']:.2f} GiB "
               f"+ {f['gib_per_billion_params']:.2f} GiB per 1e9 params ({f['bytes_per_param']:.1f} bytes/param); "
               "residuals " + ", ".join(f"{p['residual_gib']:+.2f}" for p in f["points"]) + " GiB.")
         print(f"EXTRAPOLATION (not measured): largest Llama-shaped model whose calibration fits: "
