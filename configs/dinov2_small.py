@@ -52,7 +52,9 @@ def get_config(arg: str = ""):
         algorithm="static",
         epochs=8.0 if cpu else 20.0,  # steps = epochs * n_images / batch_images
         batch_images=32 if cpu else 64,
-        lr=1e-3, end_lr=1e-5, weight_decay=0.05,
+        # From this closed-form start lr 1e-3 raised block 0's error 7x; 1e-4: held-out 0.0128 -> 0.0099,
+        # CLS cosine 0.9702 -> 0.9804 (README, measured with :cpu).
+        lr=1e-4, end_lr=1e-6, weight_decay=0.05,
         update_freq=8 if cpu else 20,  # mask updates, with --config.local.algorithm=gmp or rigl
     )
     c.checkpoint_every = 50 if cpu else 100
