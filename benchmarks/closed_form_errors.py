@@ -38,12 +38,12 @@ def per_fc_errors(ws: np.ndarray, stats, transposed, u: np.ndarray, v: np.ndarra
                                      transposed[f:f + 1], relative=True) for f in range(ws.shape[1])]
 
 
-def group_stats(cfg: dict, arch, params, plan, g: int, run):
+def group_stats(cfg: dict, arch, params, tokenizer, plan, g: int, run):
     """The group's dense statistics on the calibration data, for an LLM or an image model."""
     if arch.is_causal_lm:
         from fips_jax.tasks import causal_lm  # pylint: disable=import-outside-toplevel
 
-        dat = causal_lm.load_data(run, arch, registry.load_model(cfg["model"], seed=cfg["seed"])[2])
+        dat = causal_lm.load_data(run, arch, tokenizer)
         stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
         for layout, _ in plan[:g]:
             stream.advance(layout.blocks, keep_inputs=False)
@@ -53,7 +53,7 @@ def group_stats(cfg: dict, arch, params, plan, g: int, run):
         return methods.GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
     from fips_jax.tasks import image  # pylint: disable=import-outside-toplevel
 
-    dat = image.load_data(run, arch, None)
+    dat = image.load_data(run, arch, tokenizer)
     return image.group_statistics(arch, params, plan[:g + 1], dat.calib, cfg["chunk"])[g]
 
 
@@ -68,12 +68,12 @@ def main() -> None:
     args = ap.parse_args()
     base = config_base.load_config(args.config)
     run = stages.Run(base, tempfile.mkdtemp(prefix="closed-form-"), log=lambda s: None)
-    arch, params, _ = registry.load_model(base["model"], seed=base["seed"])
+    arch, params, tokenizer = registry.load_model(base["model"], seed=base["seed"])
     plan = pipeline.plan_groups(base, arch, params)
     if not 0 <= args.group < len(plan):
         raise SystemExit(f"--group {args.group}: the config has groups 0-{len(plan) - 1}")
     layout = plan[args.group][0]
-    stats = group_stats(base, arch, params, plan, args.group, run)
+    stats = group_stats(base, arch, params, tokenizer, plan, args.group, run)
     w = np.asarray(grouping.concat_group(params, layout), np.float64)
     ws = w.reshape(layout.d, layout.n_blocks, layout.n_fcs, layout.p).transpose(1, 2, 0, 3)
     eye = np.eye(layout.d)
