@@ -23,13 +23,14 @@ Memory stays bounded by the chunk: the hidden activation of `chunk` tokens, [chu
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fips_jax import calibration
+from fips_jax import calibration, sharding
 from fips_jax.models import base
 
 Stats = dict  # {"in": [.., d, d] float64, "hidden": [.., p, p] float64, "n": int tokens}
@@ -69,6 +70,14 @@ def chunk_grams(spec: base.MlpSpec, mlp_params: Mapping[str, Any], x: jax.Array)
 _chunk_grams = jax.jit(chunk_grams, static_argnums=0)
 # A group: stacked params [n, ...] and inputs [n, T, d] -> grams [n, d, d], [n, p, p].
 _group_chunk_grams = jax.jit(jax.vmap(chunk_grams, in_axes=(None, 0, 0)), static_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_group_chunk_grams(mesh):
+    """`_group_chunk_grams` on tokens split over processes: the sums over every process's
+    tokens, replicated so that each process reads them whole."""
+    return jax.jit(jax.vmap(chunk_grams, in_axes=(None, 0, 0)), static_argnums=0,
+                   out_shardings=sharding.replicated(mesh))
 
 
 def _check_acc(acc: Stats | None, d: int, p: int, lead: tuple[int, ...]) -> Stats:
@@ -114,8 +123,12 @@ def mlp_input_grams(spec: base.MlpSpec, mlp_params: Mapping[str, Any], x: Any, a
 
 
 def group_input_grams(spec: base.MlpSpec, stacked_mlp_params: Mapping[str, Any], x: Any, acc: Stats | None = None,
-                      chunk: int = 4096) -> Stats:
+                      chunk: int = 4096, mesh: Any = None) -> Stats:
     """`mlp_input_grams` for every block of a group at once.
+
+    mesh: with several processes, x is this process's share of the tokens and the sums run
+    over every process's (one collective per chunk; every process must call with the same
+    number of tokens); with one process it changes nothing.
 
     stacked_mlp_params: the group's dense MLP params stacked on a leading block axis, as
       `local_opt.stack_dense_mlps` returns them.
@@ -131,10 +144,14 @@ def group_input_grams(spec: base.MlpSpec, stacked_mlp_params: Mapping[str, Any],
     if k_in.shape[:2] != (n, d):
         raise ValueError(f"x: {n} blocks of width {d} but stacked {spec.fc_names[0]} kernel is {tuple(k_in.shape)}")
     out = _check_acc(acc, d, _hidden_width(spec, stacked_mlp_params), (n,))
+    split = mesh is not None and sharding.multi_process()
+    fn = _split_group_chunk_grams(mesh) if split else _group_chunk_grams
     for s in range(0, x.shape[1], chunk):
-        g_in, g_h = _group_chunk_grams(spec, stacked_mlp_params, jnp.asarray(x[:, s:s + chunk]))
+        xc = x[:, s:s + chunk]
+        g_in, g_h = fn(spec, stacked_mlp_params,
+                       sharding.from_process_rows(xc, mesh, axis=1) if split else jnp.asarray(xc))
         out["in"] += np.asarray(g_in, np.float64)
         out["hidden"] += np.asarray(g_h, np.float64)
-        calibration.release(x[:, s:s + chunk])  # a file-backed x (local.store=disk): drop the chunk's pages
-    out["n"] += int(x.shape[1])
+        calibration.release(xc)  # a file-backed x (local.store=disk): drop the chunk's pages
+    out["n"] += int(x.shape[1]) * (jax.process_count() if split else 1)
     return out

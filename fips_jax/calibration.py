@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fips_jax import sharding
 from fips_jax.models import base
 
 
@@ -149,10 +150,7 @@ def gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def _block_fn(arch: base.Architecture, i: int) -> Callable:
-    # One compiled function per block index: Gemma-2 alternates local/global attention and
-    # Swin alternates shifted windows, so the index is static.
-    return jax.jit(lambda params, hidden, ctx: arch.block(params, i, hidden, ctx))
+_EMBED = object()  # `HiddenStream._run`'s ctx for the embedding (a block's ctx may be None)
 
 
 class HiddenStream:
@@ -160,18 +158,67 @@ class HiddenStream:
 
     Batches of `chunk` sequences are run at a time to bound activation memory; states are kept
     on the host between blocks.
+
+    With several processes (`mesh` given; `sharding.multi_process()`), every forward is one
+    global computation over the mesh, whichever way the dense model is sharded:
+    - split=True: `inputs` are this process's share of the windows (`sharding.process_share`);
+      each chunk's batch is the processes' chunks side by side, split over the devices
+      (`sharding.rows_sharding`), and each process keeps only its own rows, so host memory and
+      work per process shrink with the number of processes. A chunk is padded with zero windows
+      to a multiple of the process's devices; their rows are dropped.
+    - split=False: every process passes the same `inputs` and gets every row (small streams:
+      the held-out windows).
+    One process: plain single-device arrays, as always.
     """
 
-    def __init__(self, arch: base.Architecture, params: Any, inputs: np.ndarray, chunk: int):
+    def __init__(self, arch: base.Architecture, params: Any, inputs: np.ndarray, chunk: int,
+                 mesh: Any = None, split: bool = False):
         self.arch, self.params, self.chunk = arch, params, max(int(chunk), 1)
-        embed = jax.jit(arch.embed)
+        self.mesh = mesh if mesh is not None and sharding.multi_process() else None
+        self.split = bool(split) and self.mesh is not None
+        self._jitted: dict[Any, Callable] = {}
         self.hidden, self.ctx = [], []
         for s in range(0, inputs.shape[0], self.chunk):
-            h, ctx = embed(params, jnp.asarray(inputs[s:s + self.chunk]))
-            self.hidden.append(np.asarray(h))
+            tokens = np.asarray(inputs[s:s + self.chunk])
+            h, ctx = self._run("embed", arch.embed, params, tokens)
+            self.hidden.append(h)
             self.ctx.append(ctx)
         self.next_block = 0
-        self._fns: dict[int, Callable] = {}
+
+    def _pad(self, rows: np.ndarray) -> np.ndarray:
+        extra = -rows.shape[0] % sharding.local_devices(self.mesh)
+        if not extra:
+            return rows
+        return np.concatenate([rows, np.zeros((extra,) + rows.shape[1:], rows.dtype)])
+
+    def _run(self, key: Any, fn: Callable, params: Any, rows: np.ndarray, ctx: Any = _EMBED) -> tuple:
+        """fn(params, rows[, ctx]) -> (rows' results as host arrays, the rest as device arrays).
+        The first output has a row per input row; so does the second for a block (its MLP
+        inputs), while embed's second (the context) stays on the device for the blocks. `key`
+        names fn in the cache of compiled functions; ctx: the block's context (which may be
+        None), left out for embed."""
+        if self.mesh is None:
+            jitted = self._jitted.get(key) or self._jitted.setdefault(key, jax.jit(fn))
+            out = jitted(params, jnp.asarray(rows)) if ctx is _EMBED else jitted(params, jnp.asarray(rows), ctx)
+            return (np.asarray(out[0]), out[1] if ctx is _EMBED else np.asarray(out[1]))
+        n = rows.shape[0]
+        if self.split:
+            arg = sharding.from_process_rows(self._pad(rows), self.mesh)
+        else:
+            arg = sharding.put(rows, sharding.replicated(self.mesh))
+        args = (params, arg) if ctx is _EMBED else (params, arg, ctx)
+        jitted = self._jitted.get((key, arg.shape))
+        if jitted is None:
+            def out_sh(leaf):
+                if self.split and leaf.ndim and leaf.shape[0] == arg.shape[0]:
+                    return sharding.rows_sharding(self.mesh, leaf.ndim)
+                return sharding.replicated(self.mesh)
+
+            shardings = jax.tree_util.tree_map(out_sh, jax.eval_shape(fn, *args))
+            jitted = self._jitted.setdefault((key, arg.shape), jax.jit(fn, out_shardings=shardings))
+        out = jitted(*args)
+        fetch = (lambda a: sharding.process_rows(a)[:n]) if self.split else np.asarray
+        return (fetch(out[0]), out[1] if ctx is _EMBED else fetch(out[1]))
 
     def advance(self, blocks: Sequence[int], with_outputs: bool = False, store: ActivationStore = MEMORY,
                 name: str = "x", keep_inputs: bool = True):
@@ -181,19 +228,20 @@ class HiddenStream:
         upcast to float32 for their sums). With `with_outputs`, also each block's output,
         flattened the same way, in float32: (inputs, outputs). The arrays come from `store`
         (`name` and `name`_out), written a chunk of sequences at a time. keep_inputs=False only
-        moves the stream on (returns None, or None and the outputs)."""
+        moves the stream on (returns None, or None and the outputs). Split over processes: this
+        process's tokens only."""
         out = outs = None  # filled in place: one group's inputs held once, not also as per-chunk pieces
         n_seqs = sum(x.shape[0] for x in self.hidden)
         for k, i in enumerate(blocks):
             if i != self.next_block:
                 raise ValueError(f"hidden stream is at block {self.next_block}, asked for block {i}")
-            fn = self._fns.setdefault(i, _block_fn(self.arch, i))
+            fn = self._block_fn(i)
             hidden, at, at_out = [], 0, 0
             for h, ctx in zip(self.hidden, self.ctx):
-                nxt, mlp_in = fn(self.params, jnp.asarray(h), ctx)
-                hidden.append(np.asarray(nxt))
+                nxt, mlp_in = self._run(i, fn, self.params, h, ctx)
+                hidden.append(nxt)
                 if keep_inputs:
-                    mlp_in = np.asarray(mlp_in).reshape(-1, mlp_in.shape[-1])
+                    mlp_in = mlp_in.reshape(-1, mlp_in.shape[-1])
                     if out is None:
                         per_seq = mlp_in.shape[0] // h.shape[0]  # MLP rows per sequence / image
                         out = store.alloc((len(blocks), per_seq * n_seqs, mlp_in.shape[-1]), mlp_in.dtype, name)
@@ -212,11 +260,23 @@ class HiddenStream:
             self.next_block += 1
         return (out, outs) if with_outputs else out
 
+    def _block_fn(self, i: int) -> Callable:
+        # One function per block index: Gemma-2 alternates local/global attention and Swin
+        # alternates shifted windows, so the index is static.
+        arch = self.arch
+        return lambda params, hidden, ctx: arch.block(params, i, hidden, ctx)
+
     def state(self) -> np.ndarray:
-        return np.concatenate(self.hidden)
+        """The hidden state of every window (split over processes: gathered from all of them,
+        a collective), what `restore` takes back."""
+        local = np.concatenate(self.hidden)
+        return sharding.gather_process_rows(local, self.mesh) if self.split else local
 
     def restore(self, hidden: np.ndarray, next_block: int) -> None:
-        """Jump to a saved point of the stream (a finished group), skipping recomputation."""
+        """Jump to a saved point of the stream (a finished group), skipping recomputation.
+        `hidden`: every window's state, as `state` gives it (split: this process takes its share)."""
+        if self.split:
+            hidden = hidden[sharding.process_share(hidden.shape[0], self.mesh, "saved hidden states")]
         self.hidden = [hidden[s:s + self.chunk] for s in range(0, hidden.shape[0], self.chunk)]
         self.next_block = next_block
 

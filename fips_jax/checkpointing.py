@@ -230,8 +230,23 @@ class LoopCheckpointer:
         self.manager.close()
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for a read this process does on its own (every process, by default, takes
+    part in a save or restore and waits for the others at its barriers)."""
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"process{me}")
+
+
 def save_tree(directory: str, tree: Any) -> None:
     """One-off Orbax save of a param tree (the exported compressed model)."""
+    if jax.process_count() > 1:
+        # A process's own (not global) jax arrays, e.g. factors read back from a stage file, are
+        # the same on every process: Orbax saves such values as host arrays, from process 0.
+        tree = jax.tree_util.tree_map(
+            lambda a: np.asarray(a) if isinstance(a, jax.Array) and a.is_fully_addressable else a, tree)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(directory), tree, force=True)
     ckptr.wait_until_finished()
@@ -241,8 +256,9 @@ def restore_tree(directory: str, like: Any | None = None, sharding: Any = None) 
     """Restore a `save_tree` tree. like: a tree of arrays or ShapeDtypeStructs (with shardings)
     to restore into; None: the saved shapes and dtypes, every array on `sharding` (default the
     first local device). The mesh a tree was saved from never matters, so a model exported from
-    a multi-device run reloads on a laptop."""
-    ckptr = ocp.StandardCheckpointer()
+    a multi-device run reloads on a laptop. With several processes each reads on its own (no
+    barrier with the others): e.g. process 0 converting the export to safetensors."""
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
     path = os.path.abspath(directory)
     if like is None:
         meta = ckptr.metadata(path)

@@ -143,10 +143,18 @@ def _mixed_einsum_bwd(eq, dtype, res, g):
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
+def _nonzeros(v: Any) -> int:
+    """Nonzeros of a host or device array; one split over several processes is counted on the
+    devices (no process can read it whole), any other where it is."""
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+        return int(jnp.count_nonzero(v))
+    return int(np.count_nonzero(np.asarray(v)))
+
+
 def kept(parts: Sequence[tuple[grouping.GroupLayout, Params]]) -> int:
     """Kept weights of a compressed model: every dense U plus the nonzeros of every V (biases
     excluded, as the budget formula counts)."""
-    return sum(int(np.asarray(p["u"]).size + np.count_nonzero(np.asarray(p["v"]))) for _, p in parts)
+    return sum(int(np.size(p["u"]) + _nonzeros(p["v"])) for _, p in parts)
 
 
 def part_weights(parts: Sequence[tuple[grouping.GroupLayout, Params]], layout: grouping.GroupLayout,

@@ -259,15 +259,28 @@ class HostBatches:
     minibatches ever reach the device; `train` asks for step s + 1 while step s runs.
     File-backed arrays (`calibration.ActivationStore`, local.store=disk) are read row by row with
     `os.preadv` (`calibration.gather`), so RSS holds the minibatch, not the file.
+
+    mesh, with several processes: the arrays are this process's share of the tokens (its slot's
+    contiguous positions of the T = processes x local tokens; `sharding.process_slot`). Every
+    process draws the same positions; each fills the rows it holds into a zero minibatch, and one
+    device computation adds the processes' minibatches (each row is nonzero in one of them, so
+    the sum is exact): the step gets the minibatch one process holding every token would give.
+    That costs processes x minibatch of device memory, spread over the mesh, for one step.
     """
 
     def __init__(self, arrays: Sequence[np.ndarray], key: jax.Array, batch: int,
-                 sharding_for: Callable[[tuple[int, ...]], Any] | None = None):
+                 sharding_for: Callable[[tuple[int, ...]], Any] | None = None, mesh: Any = None):
+        from fips_jax import sharding  # pylint: disable=import-outside-toplevel
+
         self.arrays = tuple(arrays)
-        self.n_tokens = int(self.arrays[0].shape[1])
+        self.split = mesh is not None and sharding.multi_process()
+        self.mesh, self.local_tokens = mesh, int(self.arrays[0].shape[1])
+        self.n_tokens = self.local_tokens * (jax.process_count() if self.split else 1)
+        self.first = sharding.process_slot(mesh) * self.local_tokens if self.split else 0
         self.batch = min(int(batch), self.n_tokens)
         self.key, self.sharding_for = key, sharding_for
         self._perm: tuple[int, np.ndarray] | None = None
+        self._combine: dict = {}
 
     def indices(self, step: int) -> np.ndarray:
         """`minibatch_indices(key, step, T, batch)` on the host, one permutation per epoch."""
@@ -284,10 +297,32 @@ class HostBatches:
         idx = self.indices(step)
         out = []
         for a in self.arrays:
+            if self.split:
+                out.append(self._split_minibatch(a, idx))
+                continue
             mb = calibration.gather(a, idx)  # np.ascontiguousarray(a[:, idx])
             sh = None if self.sharding_for is None else self.sharding_for(mb.shape)
             out.append(jax.device_put(mb) if sh is None else sharding.put(mb, sh))
         return tuple(out)
+
+    def _split_minibatch(self, a: np.ndarray, idx: np.ndarray) -> jax.Array:
+        from fips_jax import calibration, sharding  # pylint: disable=import-outside-toplevel
+
+        own = (idx >= self.first) & (idx < self.first + self.local_tokens)
+        mb = np.zeros((a.shape[0], idx.shape[0]) + a.shape[2:], a.dtype)
+        if own.any():
+            mb[:, own] = calibration.gather(a, idx[own] - self.first)
+        shape = mb.shape
+        fn = self._combine.get((shape, mb.dtype))
+        if fn is None:
+            p = jax.process_count()
+
+            def combine(g):  # [n, P * B, ...] -> [n, B, ...]: the slots' minibatches added
+                return jnp.sum(g.reshape((shape[0], p) + shape[1:]), axis=1, dtype=g.dtype)
+
+            sh = self.sharding_for(shape) if self.sharding_for is not None else sharding.replicated(self.mesh)
+            fn = self._combine.setdefault((shape, mb.dtype), jax.jit(combine, out_shardings=sh))
+        return fn(sharding.from_process_rows(mb, self.mesh, axis=1))
 
 
 def _buffers(x: jax.Array) -> set:
@@ -393,7 +428,7 @@ def train(
     start = ckpt.latest_step() or 0
     losses: list[float] = []
     if start:
-        saved = ckpt.restore(start, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": jnp.zeros((start,))})
+        saved = ckpt.restore(start, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": np.zeros((start,), np.float32)})
         state = jax.tree_util.tree_unflatten(treedef, [saved["leaves"][str(i)] for i in range(len(leaves))])
         losses = [float(x) for x in saved["losses"]]
         log(f"{name}: resumed at step {start}/{cfg.steps}")
@@ -424,7 +459,7 @@ def train(
                                  f"stopped without saving it: {where}")
         if done % checkpoint_every == 0 or done == cfg.steps:
             leaves = jax.tree_util.tree_leaves({"params": params, "opt_state": opt_state})
-            ckpt.save(done, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": jnp.asarray(losses)})
+            ckpt.save(done, {"leaves": {str(i): x for i, x in enumerate(leaves)}, "losses": np.asarray(losses, np.float32)})
             saved_at = done
         if done % max(cfg.steps // 10, 1) == 0 or done == cfg.steps:
             rate = (done - start) / max(time.perf_counter() - t0, 1e-9)

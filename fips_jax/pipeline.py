@@ -156,7 +156,10 @@ def global_finetune(state: stages.Run, arch: base.Architecture, params, cal: tas
                                   "loss_last": losses[-1] if losses else None})
         return tuned
 
-    return state.stage("finetune/final", tune, "arrays", label="finetune")
+    tuned = state.stage("finetune/final", tune, "arrays", label="finetune")
+    if sharding.multi_process():  # whole on every process, as the stage store gives it back on resume
+        tuned = stages.host_tree(tuned)
+    return tuned
 
 
 def variant_budgets(plan, params, cal: tasks.Calibrated, peers: list, final: dict) -> dict:

@@ -137,6 +137,10 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ, log: Callabl
     reason = distributed_reason(environ)
     if reason is None:
         return False
+    if not environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        # CPU processes (tests, CPU clusters) need a collectives backend to compute together;
+        # accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**distributed_kwargs(environ))
     log(f"jax.distributed: process {jax.process_index()}/{jax.process_count()} ({reason}), "
         f"{jax.local_device_count()} local of {jax.device_count()} devices")
@@ -455,3 +459,108 @@ class HostCopy:
 def _index_key(index: tuple) -> tuple:
     """A shard's index (a tuple of slices) as a hashable key."""
     return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows split over processes (the teacher's capture on several hosts)
+# ---------------------------------------------------------------------------------------------
+#
+# With several processes, each holds its own slice of the calibration windows (and of the MLP
+# inputs and targets they give) on its host; nothing holds all of them. A device computation on
+# them takes a global array whose `axis` is split over every device of the mesh, each process's
+# devices holding that process's rows, one contiguous block of them: its "slot". The blocks
+# follow the mesh's device order, which on every cluster we know is the processes' order, but
+# the slot is read from the sharding rather than assumed.
+
+
+def multi_process() -> bool:
+    """Whether this run has several processes (each with its own share of the calibration data)."""
+    return jax.process_count() > 1
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array: what every process can read back whole."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def rows_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    """`axis` of an ndim-array split over every device of `mesh` (all mesh axes, in order)."""
+    spec = [None] * ndim
+    spec[axis] = tuple(mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def local_devices(mesh: Mesh) -> int:
+    """How many of the mesh's devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def process_slot(mesh: Mesh) -> int:
+    """Which contiguous block of rows this process's devices hold under `rows_sharding` (0 ..
+    processes - 1). Raises ValueError when they do not hold one contiguous block."""
+    n_local = local_devices(mesh)
+    if n_local == 0 or mesh.size % n_local:
+        raise ValueError(f"process {jax.process_index()} holds {n_local} of the mesh's {mesh.size} devices; "
+                         "splitting calibration data over processes needs the same number on each")
+    starts = sorted(i[0].start or 0 for i in rows_sharding(mesh, 1).addressable_devices_indices_map(
+        (mesh.size,)).values())
+    if starts != list(range(starts[0], starts[0] + n_local)) or starts[0] % n_local:
+        raise ValueError(f"process {jax.process_index()}'s devices are not one contiguous block of the mesh "
+                         f"(rows {starts}); order the mesh's devices by process")
+    return starts[0] // n_local
+
+
+def process_share(n: int, mesh: Mesh, what: str = "rows") -> slice:
+    """This process's contiguous share of n rows (n a multiple of the process count, else a
+    ValueError naming `what`)."""
+    p = jax.process_count()
+    if n % p:
+        raise ValueError(f"{what}: {n} do not split evenly over {p} processes; use a multiple of {p}")
+    k = process_slot(mesh)
+    return slice(k * (n // p), (k + 1) * (n // p))
+
+
+def from_process_rows(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """The global array whose `axis` is every process's `local` rows, in slot order. Every
+    process passes the same shape; its rows must split evenly over its devices."""
+    local = np.asarray(local)
+    n_local = local_devices(mesh)
+    if local.shape[axis] % n_local:
+        raise ValueError(f"{local.shape[axis]} rows along axis {axis} do not split over this process's "
+                         f"{n_local} devices")
+    shape = list(local.shape)
+    shape[axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(rows_sharding(mesh, local.ndim, axis), local, tuple(shape))
+
+
+def process_rows(x: jax.Array, axis: int = 0) -> np.ndarray:
+    """This process's rows of a global array split along `axis` as `rows_sharding` splits it: its
+    addressable shards in order, one copy of each."""
+    by_start = {}
+    for s in x.addressable_shards:
+        by_start.setdefault(s.index[axis].start or 0, s)
+    return np.concatenate([np.asarray(by_start[k].data) for k in sorted(by_start)], axis=axis)
+
+
+def gather_process_rows(local: np.ndarray, mesh: Mesh, axis: int = 0) -> np.ndarray:
+    """Every process's `local` rows concatenated along `axis` in slot order, on every process
+    (collective). One process: `local` itself."""
+    if not multi_process():
+        return local
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    parts = np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=False))
+    slots = np.asarray(multihost_utils.process_allgather(np.int32(process_slot(mesh)))).reshape(-1)
+    order = np.argsort(slots)
+    return np.concatenate([parts[i] for i in order], axis=axis)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A whole numpy copy of x on this process: a host array as it is, a jax array this process
+    can read (its own, or replicated) directly, one split over several processes gathered from
+    them (a collective: every process must call it for the same array)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -28,13 +28,11 @@ KINDS = ("json", "arrays", "parts")
 
 
 def _save_arrays(path: str, tree: dict) -> None:
-    # Collective: every process gathers the global jax arrays; process 0 writes them. Host numpy
-    # arrays (a stream's state) are every process's own full copy and are written as they are.
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
+    # Collective: every process gathers the jax arrays split over processes; process 0 writes
+    # them. Host arrays and a process's own jax arrays (e.g. closed-form factors computed on the
+    # host) are the same on every process and are written as they are.
     flat = traverse_util.flatten_dict(tree, sep="/")
-    flat = {k: multihost_utils.process_allgather(v, tiled=True) if isinstance(v, jax.Array) else v
-            for k, v in flat.items()}
+    flat = {k: sharding.to_host(v) for k, v in flat.items()}
     if sharding.is_writer():
         checkpointing.save_arrays(path, {k: np.asarray(v) for k, v in flat.items()})
 
@@ -43,13 +41,7 @@ def host_tree(tree: Any) -> Any:
     """`tree` with every jax array replaced by a full numpy copy on this host (collective: a
     sharded array is gathered from every process), freeing nothing itself: the caller drops the
     device arrays by dropping its references."""
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    def one(v):
-        if not isinstance(v, jax.Array):
-            return v
-        return np.asarray(v) if v.is_fully_addressable else np.asarray(multihost_utils.process_allgather(v, tiled=True))
-    return jax.tree_util.tree_map(one, tree)
+    return jax.tree_util.tree_map(lambda v: sharding.to_host(v) if isinstance(v, jax.Array) else v, tree)
 
 
 def trim_heap() -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fips_jax import budget, whitening
+from fips_jax import budget, sharding, whitening
 from fips_jax.methods import Problem, fc_layout, part, svd_llm
 from fips_jax.models import base
 
@@ -39,7 +39,7 @@ def init(problem: Problem) -> list:
             blocks = tuple(range(start, min(start + g, layout.n_blocks)))
             n = len(blocks)
             k = whitening.rank_for_ratio(layout.d, layout.p, 1 - problem.budget, n_layers=n)
-            ws = [np.asarray(base.get_path(problem.dense_params, layout.fc_paths[b][f]), np.float64) for b in blocks]
+            ws = [sharding.to_host(base.get_path(problem.dense_params, layout.fc_paths[b][f])).astype(np.float64) for b in blocks]
             basis, coeffs = whitening.basis_sharing(ws, [svd_llm.gram_of(problem, b, f) for b in blocks], k, damp)
             parts.append(part(problem, fc_layout(layout, blocks, f), basis, np.stack(coeffs)[:, None]))
     return parts

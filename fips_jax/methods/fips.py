@@ -67,7 +67,7 @@ def whitened_init(problem: Problem) -> dict:
     V exactly optimal given it (float64 on the host; one [d, d] eigenproblem per candidate)."""
     layout, fips_cfg = problem.layout, problem.cfg["fips"]
     stats = _stats(problem, "fips.init=whitened")
-    w = np.asarray(grouping.concat_group(problem.dense_params, layout), np.float64)
+    w = sharding.to_host(grouping.concat_group(problem.dense_params, layout)).astype(np.float64)
     ws = w.reshape(layout.d, layout.n_blocks, layout.n_fcs, layout.p).transpose(1, 2, 0, 3)
     fac = whitening.whitened_group_init(ws, stats.inputs, stats.hidden, layout.transposed, problem.rank,
                                         tau=fips_cfg["tau"], damp=problem.cfg["compare"]["damp"], steps=fips_cfg["whiten_steps"])
@@ -82,7 +82,7 @@ def obs_pruned(problem: Problem, params: dict) -> dict:
     stats = _stats(problem, "fips.prune=obs")
     if cfg["local"]["algorithm"] == "nm":
         raise ValueError("fips.prune=obs prunes unstructured; local.algorithm=nm needs fips.prune=magnitude")
-    v, _ = obs.obs_prune_group(np.asarray(params["u"]), np.asarray(params["v"]), stats.inputs, stats.hidden,
+    v, _ = obs.obs_prune_group(sharding.to_host(params["u"]), sharding.to_host(params["v"]), stats.inputs, stats.hidden,
                                problem.layout.transposed, cfg["fips"]["sparsity"], damp=cfg["fips"]["obs_damp"],
                                block_size=cfg["fips"]["obs_block"])
     return {**params, "v": jnp.asarray(v, jnp.float32)}

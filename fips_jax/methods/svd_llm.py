@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fips_jax import budget, whitening
+from fips_jax import budget, sharding, whitening
 from fips_jax.methods import Problem, fc_layout, part
 from fips_jax.models import base
 
@@ -30,7 +30,7 @@ def gram_of(problem: Problem, b: int, f: int) -> np.ndarray:
 
 def factor(problem: Problem, b: int, f: int, k: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """SVD-LLM factors of FC f in block b, as FiPS's (u [d, k], v [k, p])."""
-    kernel = np.asarray(base.get_path(problem.dense_params, problem.layout.fc_paths[b][f]), np.float64)
+    kernel = sharding.to_host(base.get_path(problem.dense_params, problem.layout.fc_paths[b][f])).astype(np.float64)
     a, bb = whitening.svd_llm(kernel, gram_of(problem, b, f), k, damp)
     return (bb.T, a.T) if problem.layout.transposed[f] else (a, bb)
 

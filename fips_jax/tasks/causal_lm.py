@@ -115,7 +115,13 @@ class _Group:
     The MLP inputs x and targets y [n, T, d] stay on the host in the model's dtype (the stream's);
     training steps receive one minibatch each (`batches`), so nothing of their size is held on
     the device. `store` allocates the [n, T, d] arrays: anonymous memory, or files mapped and
-    read a slice at a time (local.store=disk); the held-out xh, yh are small and stay in memory."""
+    read a slice at a time (local.store=disk); the held-out xh, yh are small and stay in memory.
+
+    With several processes, x (and FiPS's student inputs) are this process's share of the
+    calibration tokens (`calibrate` splits the windows); every device computation over them is
+    one global computation (`sharding.from_process_rows`), so targets, statistics, minibatches
+    and the calibration loss are what one process holding every token computes. The held-out
+    xh is every process's whole copy."""
 
     def __init__(self, run, arch, params, layout, rank, g, x, xh, need_stats, student=None,
                  store: calibration.ActivationStore = calibration.MEMORY):
@@ -130,11 +136,13 @@ class _Group:
         self.dir = f"groups/g{g:02d}"
         peers_need, fips_need = need_stats
         self.x, self.xh = np.asarray(x), np.asarray(xh)
-        self.batch = min(cfg["local"]["batch_tokens"], self.x.shape[1])
+        self.split = sharding.multi_process()
+        self.n_tokens = self.x.shape[1] * jax.process_count()  # every process's tokens
+        self.batch = min(cfg["local"]["batch_tokens"], self.n_tokens)
         teacher = local_opt.stack_dense_mlps(params, layout)
 
         def grams_of(inputs):
-            grams = calib_stats.group_input_grams(spec, teacher, inputs)
+            grams = calib_stats.group_input_grams(spec, teacher, inputs, mesh=run.mesh)
             return GroupStats(grams["in"], grams["hidden"], int(grams["n"]))
 
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
@@ -152,7 +160,7 @@ class _Group:
                 raise ValueError("local.drift > 0 needs the teacher's and the student's block outputs")
             self.fips_y = self._targets(teacher, self.fips_x, self.fips_x.dtype, "fips_y", drift=(alpha, outputs))
             self.fips_problem = dataclasses.replace(self.problem, stats=grams_of(self.fips_x) if fips_need else None)
-        self.steps = _steps(x.shape[1], self.batch, cfg["local"]["epochs"])
+        self.steps = _steps(self.n_tokens, self.batch, cfg["local"]["epochs"])
 
     def act_sharding(self, shape):
         return sharding.logical_to_sharding(sharding.ACTIVATION_AXES, self.run.mesh, self.run.rules,
@@ -160,6 +168,15 @@ class _Group:
 
     def _replicated(self):  # what every process can read back whole
         return jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+
+    def _put(self, xb: np.ndarray, split: bool) -> jax.Array:
+        """A host minibatch [n, b, d] on the mesh: this process's tokens of a global minibatch
+        (several processes, `split`), or the same array on every process."""
+        if self.split and split:
+            return sharding.from_process_rows(xb, self.run.mesh, axis=1)
+        if self.split:
+            return sharding.put(xb, self._replicated())
+        return sharding.put(xb, self.act_sharding(xb.shape))
 
     def _targets(self, teacher, x: np.ndarray, dtype, name: str | None = None, drift=None) -> np.ndarray:
         """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
@@ -169,13 +186,15 @@ class _Group:
         alpha * (teacher's - student's), then cast to `dtype` on the host, a minibatch of tokens
         at a time (the same numbers as on the whole arrays)."""
         out_dtype = dtype if drift is None else np.float32
-        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(out_dtype),
-                     out_shardings=self._replicated())
+        split = name is not None  # the calibration tokens (split over processes), not the held-out ones
+        out_sh = sharding.rows_sharding(self.run.mesh, 3, 1) if self.split and split else self._replicated()
+        fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(out_dtype), out_shardings=out_sh)
         y = self.store.alloc(x.shape, dtype, name) if name else np.empty(x.shape, dtype)
         for s in range(0, x.shape[1], self.batch):
             sl = (slice(None), slice(s, s + self.batch))
             xb = x[sl]
-            yb = np.asarray(fn(teacher, sharding.put(xb, self.act_sharding(xb.shape))))
+            yb = fn(teacher, self._put(xb, split))
+            yb = sharding.process_rows(yb, axis=1) if self.split and split else np.asarray(yb)
             if drift is not None:
                 alpha, outputs = drift
                 if alpha:
@@ -193,24 +212,28 @@ class _Group:
         """The training minibatches of `blocks`: (x, y) gathered on the host per step; FiPS's
         inputs and targets (the student's with `local.inputs=student`) or the teacher's."""
         x, y = (self.fips_x, self.fips_y) if fips_data else (self.x, self.y)
-        return local_opt.HostBatches((x[blocks], y[blocks]), key, self.batch, self.act_sharding)
+        return local_opt.HostBatches((x[blocks], y[blocks]), key, self.batch, self.act_sharding, mesh=self.run.mesh)
 
     def calib_mse(self, params: dict, compute_dtype) -> float:
         """`mlp_group_loss` of FiPS's params over every calibration token, a minibatch at a time."""
         fn = jax.jit(lambda p, xb, yb: local_opt.mlp_group_loss(p, self.spec, xb, yb, compute_dtype)[1],
                      out_shardings=self._replicated())
         sq = np.zeros(self.layout.n_blocks)
+        per_call = jax.process_count() if self.split else 1  # every process's minibatch in one call
         for s in range(0, self.x.shape[1], self.batch):
             xb, yb = self.fips_x[:, s:s + self.batch], self.fips_y[:, s:s + self.batch]
-            sq += np.asarray(fn(params, sharding.put(xb, self.act_sharding(xb.shape)),
-                                sharding.put(yb, self.act_sharding(yb.shape))), np.float64) * xb.shape[1]
+            sq += np.asarray(fn(params, self._put(xb, True), self._put(yb, True)), np.float64) * xb.shape[1] * per_call
             calibration.release(xb)
             calibration.release(yb)
-        return float(np.mean(sq / self.x.shape[1]))
+        return float(np.mean(sq / self.n_tokens))
 
     def heldout(self, parts: list) -> list[float]:
         ws, bias = factors.part_weights(parts, self.layout)
-        out = local_opt.mlp_outputs(ws, bias, self.spec, jnp.asarray(self.xh))
+        if self.split:  # one global computation, its result on every process
+            out = jax.jit(lambda w, b, x: local_opt.mlp_outputs(w, b, self.spec, x), out_shardings=self._replicated())(
+                ws, bias, self._put(self.xh, False))
+        else:
+            out = local_opt.mlp_outputs(ws, bias, self.spec, jnp.asarray(self.xh))
         return [relative_error(out[b], self.yh[b]) for b in range(self.layout.n_blocks)]
 
 
@@ -346,11 +369,21 @@ def calibrate(run, arch, params, plan, dat: Data, peers: list) -> Calibrated:
     student = _student_inputs(cfg, arch)
     calibration.check_store(cfg["local"].get("store", "memory"))
     drift = float(cfg["local"]["drift"])
-    calib_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"])
-    hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"])
+    # Several processes: each captures its own share of the calibration windows (the held-out
+    # windows, a few, every process whole); one process: all of them.
+    mesh = run.mesh
+    calib = dat.calib
+    if sharding.multi_process():
+        share = sharding.process_share(len(dat.calib), mesh, "data.calib.n_windows")
+        calib = dat.calib[share]
+        log(f"calibration windows {share.start}-{share.stop - 1} of {len(dat.calib)} captured by this process "
+            f"({jax.process_count()} processes)")
+    calib_stream = calibration.HiddenStream(arch, params, calib, cfg["chunk"], mesh=mesh, split=True)
+    hold_stream = calibration.HiddenStream(arch, params, dat.holdout, cfg["chunk"], mesh=mesh)
     # local.inputs=student: a second stream through FiPS's compressed model (dense from the
     # current group on); `student_params` gains each group's factors as it finishes.
-    student_stream = calibration.HiddenStream(arch, params, dat.calib, cfg["chunk"]) if student else None
+    student_stream = calibration.HiddenStream(arch, params, calib, cfg["chunk"], mesh=mesh, split=True) \
+        if student else None
     resume_at = 0
     while resume_at < len(plan) and run.done(f"groups/g{resume_at:02d}/stats"):
         resume_at += 1

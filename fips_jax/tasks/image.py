@@ -82,6 +82,9 @@ def eval_stream(src: dict, arch, seed: int) -> tuple[Callable, int, bool]:
 def load_data(run, arch, tokenizer) -> Data:
     del tokenizer
     cfg, data_cfg = run.cfg, run.cfg["data"]
+    if jax.process_count() > 1:
+        raise ValueError(f"{jax.process_count()} processes: multi-process calibration splits an LLM's calibration "
+                         "windows; image models calibrate on one process (one host's devices)")
     if cfg["local"].get("compute_dtype", "float32") != "float32":
         raise ValueError("local.compute_dtype applies to the LLM MLP-output loss; ViT block-output "
                          "calibration runs in float32")
