@@ -297,11 +297,24 @@ def markdown(plans: list[tuple[dict, list[Row], list[Row]]]) -> str:
         out.append("")
         ram = [h for h in host if "(RAM" in h.name]
         stream = [h for h in ram if "offload_model" not in h.name]
-        out.append("Host memory of each process (every process streams the whole teacher, as the code stands): "
+        out.append("Host memory of one process holding every calibration window: "
                    + "; ".join(f"{h.name} {h.shape} {h.dtype} {h.total / GiB:.2f} GiB" for h in host)
                    + f". In RAM for the teacher stream and its minibatches: {sum(h.total for h in stream) / GiB:.2f} GiB"
                    + (f"; with what `local.offload_model` moves there: {sum(h.total for h in ram) / GiB:.2f} GiB"
                       if len(ram) > len(stream) else "") + ".")
+        def shared_out(h, k):  # rows that every process holds only its share of
+            return h.total / k if h.name.startswith(("hidden-state", "one group's")) else h.total
+
+        per_process = {k: sum(shared_out(h, k) for h in stream) for k in (2, 4, 8)}
+        out.append("With several processes (`launch/run.py`), each captures its own share of the calibration "
+                   "windows (`calibration.HiddenStream`, split=True): the hidden-state stream and the group's "
+                   "MLP inputs + targets divide by the process count, while each process still assembles "
+                   "whole minibatches (it fills its own rows into a zero minibatch, and one device sum adds "
+                   "the processes' ones). Teacher stream and minibatches in RAM per process: "
+                   + ", ".join(f"{k} processes {b / GiB:.2f} GiB" for k, b in per_process.items())
+                   + "; the group's activations per process (disk or RAM): "
+                   + ", ".join(f"{k} processes {sum(h.total for h in host if h.name.startswith('one group')) / k / GiB:.2f} GiB"
+                               for k in (2, 4, 8)) + ".")
         if s["gmp_error"]:
             out.append(f"Mask computation: `{s['gmp_error']}` ({s['v_entries']:,} V entries).")
         out.append("")
