@@ -143,7 +143,7 @@ def _mixed_einsum_bwd(eq, dtype, res, g):
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
-def _nonzeros(v: Any) -> int:
+def nonzeros(v: Any) -> int:
     """Nonzeros of a host or device array; one split over several processes is counted on the
     devices (no process can read it whole), any other where it is."""
     if isinstance(v, jax.Array) and not v.is_fully_addressable:
@@ -154,7 +154,7 @@ def _nonzeros(v: Any) -> int:
 def kept(parts: Sequence[tuple[grouping.GroupLayout, Params]]) -> int:
     """Kept weights of a compressed model: every dense U plus the nonzeros of every V (biases
     excluded, as the budget formula counts)."""
-    return sum(int(np.size(p["u"]) + _nonzeros(p["v"])) for _, p in parts)
+    return sum(int(np.size(p["u"]) + nonzeros(p["v"])) for _, p in parts)
 
 
 def part_weights(parts: Sequence[tuple[grouping.GroupLayout, Params]], layout: grouping.GroupLayout,

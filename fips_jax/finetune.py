@@ -129,9 +129,8 @@ def output_kind(arch: base.Architecture) -> str:
 
 def v_nonzeros(group_params: Mapping[str, Params]) -> tuple[int, int]:
     """(nonzeros, entries) of every group's V together: the sparse part of the budget."""
-    # Counted on the device: a V sharded over several processes is no one process's to read.
     vs = [p["v"] for p in group_params.values()]
-    return int(sum(int(jnp.count_nonzero(v)) for v in vs)), int(sum(v.size for v in vs))
+    return sum(factors.nonzeros(v) for v in vs), int(sum(v.size for v in vs))
 
 
 def output_loss(student: jax.Array, teacher: jax.Array, loss: str, kind: str, temperature: float = 1.0) -> jax.Array:

@@ -147,7 +147,7 @@ class _Group:
 
         # Targets are fixed (teacher forcing), so they are computed once, not every step.
         self.y = self._targets(teacher, self.x, self.x.dtype, "y")
-        self.yh = self._targets(teacher, self.xh, np.float32)
+        self.yh = self._targets(teacher, self.xh, np.float32, split=False)
         stats = grams_of(self.x) if peers_need or (fips_need and student is None) else None
         self.problem = Problem(layout, rank, cfg["fips"]["budget"], params, spec, cfg, stats, run.mesh, run.rules)
         if student is None:
@@ -167,7 +167,7 @@ class _Group:
                                             jax.ShapeDtypeStruct(shape, self.x.dtype))
 
     def _replicated(self):  # what every process can read back whole
-        return jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+        return sharding.replicated(self.run.mesh)
 
     def _put(self, xb: np.ndarray, split: bool) -> jax.Array:
         """A host minibatch [n, b, d] on the mesh: this process's tokens of a global minibatch
@@ -178,15 +178,16 @@ class _Group:
             return sharding.put(xb, self._replicated())
         return sharding.put(xb, self.act_sharding(xb.shape))
 
-    def _targets(self, teacher, x: np.ndarray, dtype, name: str | None = None, drift=None) -> np.ndarray:
+    def _targets(self, teacher, x: np.ndarray, dtype, name: str | None = None, drift=None,
+                 split: bool = True) -> np.ndarray:
         """The dense MLP outputs of host inputs x [n, T, d], computed on the device a minibatch of
         tokens at a time and kept on the host in `dtype`: from the group's store as `name`, in
         memory without one. drift (FiPS's student targets): (alpha, (teacher's block outputs,
         student's) [n, T, d] float32, or None when alpha is 0): the outputs in float32 plus
         alpha * (teacher's - student's), then cast to `dtype` on the host, a minibatch of tokens
-        at a time (the same numbers as on the whole arrays)."""
+        at a time (the same numbers as on the whole arrays). split: x is this process's share of
+        the calibration tokens (False: the held-out tokens, whole on every process)."""
         out_dtype = dtype if drift is None else np.float32
-        split = name is not None  # the calibration tokens (split over processes), not the held-out ones
         out_sh = sharding.rows_sharding(self.run.mesh, 3, 1) if self.split and split else self._replicated()
         fn = jax.jit(lambda t, xb: local_opt.mlp_targets(self.spec, t, xb).astype(out_dtype), out_shardings=out_sh)
         y = self.store.alloc(x.shape, dtype, name) if name else np.empty(x.shape, dtype)
